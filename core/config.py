@@ -1,0 +1,337 @@
+"""Experiment config: YAML -> dotted ``key=value`` overrides -> one pydantic validation.
+
+Plugin choices (``model.quantizer``, ``losses[i]``, ``data``, ...) are discriminated unions on
+``type`` built from the registry at run time. Every error is a :class:`ConfigError` whose path is
+the dotted config path, e.g. ``model.quantizer.codebok_size: extra inputs are not permitted``.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+
+from core.errors import ConfigError
+from core.interfaces import ComponentConfig
+from core.plugins import SINGULAR, Registry, get_registry
+
+MAX_YAML_ALIASES = 100  # a YAML "billion laughs" document expands aliases exponentially
+MAX_YAML_BYTES = 4 * 1024 * 1024
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TextConfig(Strict):
+    """The text tower (open_clip TextTransformer, trained from scratch) and the CLIP image head."""
+
+    width: int = Field(256, gt=0)
+    layers: int = Field(4, gt=0)
+    heads: int = Field(4, gt=0)
+    context_length: int = Field(77, gt=0)
+    embed_dim: Optional[int] = Field(None, gt=0, description="joint embedding width (default: width)")
+    init_logit_scale: float = math.log(1 / 0.07)
+    max_logit_scale: float = math.log(100)
+
+
+class TrainConfig(Strict):
+    steps: int = Field(1000, gt=0)
+    batch_size: int = Field(32, gt=0, description="global batch (split across ranks)")
+    lr: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(0.02, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-6, gt=0)
+    warmup: float = Field(0.01, ge=0, description="warm-up length: a fraction of steps if < 1, else steps")
+    schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    grad_clip: Optional[float] = Field(10.0, gt=0)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    device: str = "auto"
+    num_workers: int = Field(0, ge=0)
+    log_every: int = Field(10, gt=0)
+    eval_every: int = Field(0, ge=0, description="0: only at the end")
+    eval_size: int = Field(256, gt=0, description="images in the eval split")
+    eval_batch_size: int = Field(64, gt=0)
+    ckpt_every: int = Field(0, ge=0, description="0: only at the end (and on Ctrl-C)")
+    keep_checkpoints: int = Field(2, gt=0)
+    resume: Union[Literal["auto", "never"], str] = "auto"
+    on_nonfinite: Literal["skip", "stop"] = "stop"
+    out_dir: str = "runs"
+    progress: bool = True
+
+
+class TrackingConfig(Strict):
+    enabled: bool = True
+    uri: Optional[str] = Field(None, description="default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
+    experiment: Optional[str] = Field(None, description="MLflow experiment (default: the experiment name)")
+    flush_every: int = Field(100, gt=0, description="buffered metric rows per batch write")
+
+
+# --------------------------------------------------------------------------------------------
+# YAML and overrides
+# --------------------------------------------------------------------------------------------
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Safe-load an experiment file; every problem is one ConfigError naming the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(str(path), "experiment file not found")
+    raw = p.read_bytes()
+    if len(raw) > MAX_YAML_BYTES:
+        raise ConfigError(str(path), f"file larger than {MAX_YAML_BYTES} bytes")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(str(path), f"not UTF-8 text (byte {e.start})") from None
+    return parse_yaml(text, str(path))
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    try:
+        aliases = sum(isinstance(ev, yaml.AliasEvent) for ev in yaml.parse(text, Loader=yaml.SafeLoader))
+        if aliases > MAX_YAML_ALIASES:
+            raise ConfigError(where, f"{aliases} YAML aliases (at most {MAX_YAML_ALIASES}): refusing a possible alias bomb")
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        pos = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(where, f"invalid YAML{pos}: {problem}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(where, f"expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(item, "override must be key=value (dotted key, YAML value)")
+    key, value = item.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(key, "empty component in dotted key")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value  # a plain string the YAML parser trips on ("a: b:") is meant literally
+    return parts, parsed
+
+
+def set_dotted(data: dict[str, Any], parts: list[str], value: Any) -> None:
+    """Set ``data[a][b][c] = value``; list elements by index. Missing maps are created (pydantic then
+    rejects keys that do not exist, naming them)."""
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        path = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            node = node[_index(node, part, path)]
+        elif isinstance(node, dict):
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+        else:
+            raise ConfigError(path, f"cannot set a key inside a {type(node).__name__}")
+    last = parts[-1]
+    if isinstance(node, list):
+        node[_index(node, last, ".".join(parts))] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise ConfigError(".".join(parts), f"cannot set a key inside a {type(node).__name__}")
+
+
+def _index(lst: list, part: str, path: str) -> int:
+    if not part.lstrip("-").isdigit() or not -len(lst) <= int(part) < len(lst):
+        raise ConfigError(path, f"no list element {part} (the list has {len(lst)})")
+    return int(part)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    data = copy.deepcopy(data)
+    for item in overrides:
+        parts, value = parse_override(item)
+        set_dotted(data, parts, value)
+    return data
+
+
+# --------------------------------------------------------------------------------------------
+# The experiment model, built from the registry
+# --------------------------------------------------------------------------------------------
+
+
+def _union(reg: Registry, kind: str) -> Any:
+    configs = tuple(reg.components[kind][n].cls.Config for n in reg.names(kind))
+    if not configs:
+        return ComponentConfig
+    if len(configs) == 1:
+        return configs[0]
+    return Annotated[Union[configs], Field(discriminator="type")]  # type: ignore[valid-type]
+
+
+def experiment_model(reg: Registry) -> type[BaseModel]:
+    cfg = ConfigDict(extra="forbid", validate_assignment=True)
+    model = create_model(
+        "ModelSpec",
+        __config__=cfg,
+        encoder=(_union(reg, "encoders"), ...),
+        pre_projector=(Optional[_union(reg, "projectors")], None),
+        quantizer=(_union(reg, "quantizers"), ...),
+        post_projector=(Optional[_union(reg, "projectors")], None),
+        decoder=(_union(reg, "decoders"), ...),
+        text=(Optional[TextConfig], None),
+    )
+    return create_model(
+        "Experiment",
+        __config__=cfg,
+        name=(str, Field("experiment", min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")),
+        seed=(int, 0),
+        data=(_union(reg, "datasets"), ...),
+        model=(model, ...),
+        losses=(list[_union(reg, "losses")], Field(default_factory=list)),  # type: ignore[valid-type]
+        train=(TrainConfig, Field(default_factory=TrainConfig)),
+        eval=(list[_union(reg, "evaluators")], Field(default_factory=list)),  # type: ignore[valid-type]
+        tracking=(TrackingConfig, Field(default_factory=TrackingConfig)),
+        sweep=(Optional[dict[str, Any]], None),
+        paper=(Optional[dict[str, Any]], None),
+    )
+
+
+# plugin slots: dotted path (with "*" for list elements) -> registry kind
+SLOTS = {
+    "data": "datasets",
+    "model.encoder": "encoders",
+    "model.pre_projector": "projectors",
+    "model.quantizer": "quantizers",
+    "model.post_projector": "projectors",
+    "model.decoder": "decoders",
+    "losses.*": "losses",
+    "eval.*": "evaluators",
+}
+
+
+def _check_slot_types(data: dict[str, Any], reg: Registry) -> None:
+    """Unknown or missing ``type`` in a plugin slot -> one line listing what is registered."""
+    for slot, kind in SLOTS.items():
+        is_list = slot.endswith(".*")
+        head = slot[:-2] if is_list else slot
+        node: Any = data
+        for part in head.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if is_list:
+            targets = [(f"{head}.{i}", v) for i, v in enumerate(node)] if isinstance(node, list) else []
+        else:
+            targets = [(head, node)]
+        for path, value in targets:
+            if value is None or not isinstance(value, dict):
+                continue  # pydantic reports missing / wrongly typed slots
+            name = value.get("type")
+            known = ", ".join(reg.names(kind)) or "none"
+            if name is None:
+                raise ConfigError(f"{path}.type", f"missing; choose one of: {known}")
+            if name not in reg.components[kind]:
+                raise ConfigError(f"{path}.type", f"unknown {SINGULAR[kind]} '{name}' (registered: {known})")
+
+
+def _format_validation_error(e: ValidationError, data: dict[str, Any]) -> ConfigError:
+    err = e.errors()[0]
+    loc: list[Any] = []
+    node: Any = data
+    for part in err["loc"]:
+        # discriminated unions put the tag into the location: drop it, it is not a key
+        if isinstance(node, dict) and part not in node and node.get("type") == part:
+            continue
+        loc.append(part)
+        if isinstance(node, dict):
+            node = node.get(part)
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            node = node[part]
+        else:
+            node = None
+    msg = err["msg"][0].lower() + err["msg"][1:]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key (extra inputs are not permitted)"
+    elif "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], (dict, list)):
+        msg += f" (got {err['input']!r})"
+    return ConfigError(".".join(str(p) for p in loc) or "<root>", msg)
+
+
+def validate(data: dict[str, Any], reg: Registry | None = None) -> BaseModel:
+    reg = reg or get_registry()
+    _check_slot_types(data, reg)
+    try:
+        exp = experiment_model(reg).model_validate(data)
+    except ValidationError as e:
+        raise _format_validation_error(e, data) from None
+    check_cross_fields(exp, reg)
+    return exp
+
+
+def check_cross_fields(exp: Any, reg: Registry) -> None:
+    """Checks that span components (each names the path to change)."""
+    m = exp.model
+    qdim = m.quantizer.latent_dim
+    pre_out = getattr(m.pre_projector, "out", None) if m.pre_projector else None
+    if pre_out is not None and pre_out != qdim:
+        raise ConfigError("model.pre_projector.out", f"{pre_out} does not equal the quantizer's input width {qdim} (model.quantizer)")
+    enc_out = getattr(m.encoder, "out_dim", None)
+    if m.pre_projector is None and enc_out is not None and enc_out != qdim:
+        raise ConfigError("model.encoder.out_dim", f"{enc_out} does not equal the quantizer's input width {qdim}; set it to {qdim} or add a model.pre_projector")
+    size = exp.data.image_size
+    down = getattr(m.encoder, "downsample", None)
+    if isinstance(down, int) and (down <= 0 or size % down):
+        raise ConfigError("model.encoder.downsample", f"{down} does not divide data.image_size {size}")
+    for kind, items in (("losses", exp.losses), ("eval", exp.eval)):
+        for i, item in enumerate(items):
+            cls = reg.get("losses" if kind == "losses" else "evaluators", item.type)
+            if "text" in getattr(cls, "needs", ()):
+                if m.text is None:
+                    raise ConfigError(f"{kind}.{i}", f"'{item.type}' needs a text tower: add a model.text section")
+                if not exp.data.provides_text:
+                    raise ConfigError(f"{kind}.{i}", f"'{item.type}' needs captions but data '{exp.data.type}' provides no text")
+    if exp.train.eval_size < exp.train.eval_batch_size:
+        exp.train.eval_batch_size = exp.train.eval_size
+
+
+def load_experiment(path: str | Path, overrides: list[str] | None = None, reg: Registry | None = None) -> BaseModel:
+    data = apply_overrides(read_yaml(path), overrides or [])
+    return validate(data, reg)
+
+
+def to_dict(exp: BaseModel) -> dict[str, Any]:
+    return exp.model_dump(mode="json")
+
+
+# keys that do not change what a run computes (excluded from the config hash)
+_VOLATILE = {("train", "resume"), ("train", "progress"), ("train", "out_dir"), ("tracking",), ("sweep",), ("paper",)}
+
+
+def config_hash(exp: BaseModel) -> str:
+    d = to_dict(exp)
+    for key in _VOLATILE:
+        node = d
+        for k in key[:-1]:
+            node = node.get(k, {})
+        node.pop(key[-1], None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dict/list -> ``{"model.quantizer.codebook_size": 1024, "losses.0.type": "pixel"}``."""
+    out: dict[str, Any] = {}
+    if isinstance(d, dict):
+        for k, v in d.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+    elif isinstance(d, list) and d and all(isinstance(v, dict) for v in d):
+        for i, v in enumerate(d):
+            out.update(flatten(v, f"{prefix}{i}."))
+    else:
+        out[prefix[:-1]] = d
+    return out

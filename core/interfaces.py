@@ -1,0 +1,290 @@
+"""The contracts every plugin implements.
+
+One base class per kind. A component is an ``nn.Module`` (datasets: a torch ``Dataset``) whose
+constructor takes its pydantic ``Config`` first; the model assembly passes the few dimensions a
+component cannot know on its own as keyword arguments (documented per kind below).
+
+Tensors of tokens are ``(B, N, C)`` with the token grid ``(h, w)`` carried alongside; images are
+``(B, 3, H, W)`` in [-1, 1].
+
+The model's forward returns an ``outputs`` dict that losses and evaluators read:
+
+=============  =====================================================================
+key            meaning
+=============  =====================================================================
+``images``     the input images ``(B, 3, H, W)``
+``latent``     encoder tokens ``(B, N, C_enc)`` (continuous; after the final activation)
+``z``          quantizer input ``(B, N, D)`` (after the pre-projector, continuous)
+``quant``      the :class:`QuantizerOutput`
+``zq``         ``quant.quantized`` (straight-through), ``(B, N, D)``
+``post``       post-projector tokens ``(B, N, C_dec)`` (decoder input)
+``recon``      decoded images ``(B, 3, H, W)``
+``grid``       ``(h, w)``
+``image_embed``  l2-normalised CLIP image embedding of ``post`` (only with ``model.text``)
+``last_layer`` the decoder's last weight (for adaptive GAN weighting)
+``loss_terms`` added by the trainer: WEIGHTED terms of the losses computed so far this step,
+               keyed ``"<loss type>/<term>"``; losses run in ascending ``Loss.order``, so a
+               later loss (adversarial, order 10) can read the reconstruction terms
+=============  =====================================================================
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+
+
+class ComponentConfig(BaseModel):
+    """Base of every plugin config: unknown keys are errors; ``type`` names the plugin.
+
+    Subclasses narrow ``type`` to ``Literal["name"]`` so the registry can build discriminated unions.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    type: str
+
+
+class Component:
+    """Mixin giving every component its ``Config`` class and a one-line summary (the docstring)."""
+
+    Config: ClassVar[type[ComponentConfig]]
+
+    @classmethod
+    def summary(cls) -> str:
+        doc = (cls.__doc__ or "").strip()
+        return doc.splitlines()[0] if doc else ""
+
+
+# --------------------------------------------------------------------------------------------
+# Encoder / Decoder / Projector
+# --------------------------------------------------------------------------------------------
+
+
+class EncoderConfig(ComponentConfig):
+    #: token width C; None: the encoder's natural width, or the quantizer's width when there is
+    #: no pre-projector (the model assembly fills it in)
+    out_dim: Optional[int] = Field(None, gt=0)
+
+
+class Encoder(Component, nn.Module):
+    """Image ``(B, 3, H, W)`` -> tokens ``(B, N, C)`` and grid ``(h, w)``.
+
+    Constructed as ``Encoder(cfg, image_size=int)``; must set ``self.out_dim`` (C) and
+    ``self.downsample`` (H / h). Its config subclasses :class:`EncoderConfig`.
+    """
+
+    Config: ClassVar[type[EncoderConfig]]
+
+    out_dim: int
+    downsample: int
+
+    def forward(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:  # pragma: no cover
+        raise NotImplementedError
+
+
+class Decoder(Component, nn.Module):
+    """Tokens ``(B, N, C)`` + grid ``(h, w)`` -> image ``(B, 3, H, W)``.
+
+    Constructed as ``Decoder(cfg, in_dim=int, image_size=int, downsample=int)`` where ``downsample``
+    is the encoder's. ``last_layer`` (a weight tensor) is what adaptive GAN weighting differentiates.
+    """
+
+    def forward(self, tokens: Tensor, grid: tuple[int, int]) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    @property
+    def last_layer(self) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+
+class ProjectorConfig(ComponentConfig):
+    #: output width; None: whatever the next stage needs (the model assembly fills it in)
+    out: Optional[int] = Field(None, gt=0)
+
+
+class Projector(Component, nn.Module):
+    """``(B, N, C_in)`` -> ``(B, N, C_out)``; before (compression) and after (expansion) the quantizer.
+
+    Constructed as ``Projector(cfg, in_dim=int, out_dim=int)``. Runs in fp32 (the model disables
+    autocast around it). Its config subclasses :class:`ProjectorConfig`.
+    """
+
+    Config: ClassVar[type[ProjectorConfig]]
+
+    def forward(self, x: Tensor) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------------------------
+# Quantizer
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class QuantizerOutput:
+    """What every quantizer returns.
+
+    quantized: same shape as the input, straight-through gradients to the input.
+    indices:   int64 ``(B, N, K)``; K = ``codes_per_token`` (sub-codebooks, residual depth or bit
+               groups).
+    losses:    term name -> UNWEIGHTED scalar tensor (e.g. ``commitment``, ``codebook``, ``entropy``).
+    metrics:   name -> detached scalar tensor (usage, perplexity, ...). Tensors, not floats: no host
+               sync in the hot path.
+    """
+
+    quantized: Tensor
+    indices: Tensor
+    losses: dict[str, Tensor] = field(default_factory=dict)
+    metrics: dict[str, Tensor] = field(default_factory=dict)
+
+
+class QuantizerConfig(ComponentConfig):
+    """Quantizer configs also say which latent width they quantize (used by cross-field checks)."""
+
+    @property
+    def latent_dim(self) -> int:  # pragma: no cover
+        raise NotImplementedError
+
+
+class Quantizer(Component, nn.Module):
+    """``(B, N, D)`` continuous latent -> :class:`QuantizerOutput`.
+
+    Constructed as ``Quantizer(cfg)``. Subclasses implement :meth:`quantize`; :meth:`forward` wraps
+    it in an fp32 island (autocast off, input cast to float32) so distances and entropies are
+    always computed in fp32. The quantized output is returned in fp32.
+    """
+
+    Config: ClassVar[type[QuantizerConfig]]
+
+    #: number of codes per token (K in ``indices``)
+    codes_per_token: int
+    #: information per token in bits (sum of log2 of the sub-codebook sizes)
+    bits_per_token: float
+    #: size of each of the K codebooks (for usage metrics), length ``codes_per_token``
+    codebook_sizes: list[int]
+
+    def forward(self, z: Tensor) -> QuantizerOutput:
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            return self.quantize(z.float())
+
+    def quantize(self, z: Tensor) -> QuantizerOutput:  # pragma: no cover
+        raise NotImplementedError
+
+    def loss_weights(self) -> dict[str, float]:
+        """The weight of each reported loss term in the source paper (e.g. commitment beta=0.25);
+        the ``quantizer`` loss plugin applies these unless its config overrides them."""
+        return {}
+
+    def indices_to_codes(self, indices: Tensor) -> Tensor:  # pragma: no cover
+        """int64 ``(B, N, K)`` -> quantized latent ``(B, N, D)``, equal to ``quantized`` in eval mode."""
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------------------------
+# Loss
+# --------------------------------------------------------------------------------------------
+
+
+class LossConfig(ComponentConfig):
+    """Common fields of every loss: an overall weight and a schedule.
+
+    The effective multiplier at step s is ``weight * ramp(s)`` where ramp is 0 before
+    ``start_step`` and rises linearly to 1 over ``warmup_steps``.
+    """
+
+    weight: float = 1.0
+    start_step: int = 0
+    warmup_steps: int = 0
+
+
+class Loss(Component, nn.Module):
+    """A named loss term computed from the step's batch and the model's outputs.
+
+    Constructed as ``Loss(cfg, model=Tokenizer)`` (read the model's dims; do not store it as a
+    submodule). ``forward(batch, outputs, step)`` returns term name -> UNWEIGHTED scalar tensor; the
+    trainer multiplies each by ``term_weights()[name]`` (default 1.0) and the schedule.
+
+    Modules a loss trains WITH the tokenizer (distillation heads, a prior model) are ordinary
+    submodules with ``requires_grad``; they join the main optimizer. A module the loss trains
+    against the tokenizer (a discriminator) is returned by :meth:`aux_parameters` and trained by
+    the trainer with :meth:`aux_optimizer` on :meth:`aux_loss`, alternating with generator steps.
+    """
+
+    Config: ClassVar[type[LossConfig]]
+    #: what the loss needs from the model or data: subset of {"text"}
+    needs: ClassVar[frozenset[str]] = frozenset()
+    #: evaluation order within a step (ascending); see ``outputs["loss_terms"]``
+    order: ClassVar[int] = 0
+
+    def forward(self, batch: dict[str, Any], outputs: dict[str, Any], step: int) -> dict[str, Tensor]:  # pragma: no cover
+        raise NotImplementedError
+
+    def term_weights(self) -> dict[str, float]:
+        return {}
+
+    def schedule(self, step: int) -> float:
+        cfg = self.cfg  # type: ignore[attr-defined]
+        if step < cfg.start_step:
+            return 0.0
+        if cfg.warmup_steps <= 0:
+            return cfg.weight
+        return cfg.weight * min(1.0, (step - cfg.start_step + 1) / cfg.warmup_steps)
+
+    # --- optional adversarial side -----------------------------------------------------------
+    def aux_parameters(self) -> list[nn.Parameter]:
+        return []
+
+    def aux_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer | None:
+        return None
+
+    def aux_loss(self, batch: dict[str, Any], outputs: dict[str, Any], step: int) -> dict[str, Tensor] | None:
+        """Loss for the aux module (outputs are detached); key ``total`` is minimised; None skips."""
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluator and Dataset
+# --------------------------------------------------------------------------------------------
+
+
+class Evaluator(Component):
+    """``evaluate(model, loader) -> dict[str, float]`` over the whole eval loader.
+
+    Constructed as ``Evaluator(cfg)``. ``loader.dataset`` is a :class:`Dataset`. The model is in
+    eval mode under ``torch.no_grad`` when called. Metric names are stated in the docstring.
+    """
+
+    Config: ClassVar[type[ComponentConfig]]
+    needs: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, cfg: ComponentConfig) -> None:
+        self.cfg = cfg
+
+    def evaluate(self, model: nn.Module, loader: torch.utils.data.DataLoader) -> dict[str, float]:  # pragma: no cover
+        raise NotImplementedError
+
+
+class DatasetConfig(ComponentConfig):
+    image_size: int = 32
+
+    @property
+    def provides_text(self) -> bool:
+        """Whether items carry ``text`` (checked before training by losses that need it)."""
+        return False
+
+
+class Dataset(Component, torch.utils.data.Dataset):
+    """Yields dicts ``{"image": float (3, H, W) in [-1, 1], "text": str, "label": int}``.
+
+    Constructed as ``Dataset(cfg, split="train"|"eval", seed=int)``. ``text`` and ``label`` only
+    where the data has them (say so with ``Config.provides_text`` / ``class_names``). ``class_names`` and
+    ``templates`` ("a photo of a {}.") serve zero-shot evaluation. An iterable dataset may
+    subclass ``torch.utils.data.IterableDataset`` as well.
+    """
+
+    Config: ClassVar[type[DatasetConfig]]
+    class_names: list[str] = []
+    templates: list[str] = ["a photo of a {}."]
