@@ -288,3 +288,11 @@ class Dataset(Component, torch.utils.data.Dataset):
     Config: ClassVar[type[DatasetConfig]]
     class_names: list[str] = []
     templates: list[str] = ["a photo of a {}."]
+    #: optional extra zero-shot tasks: attribute -> class names; items then carry ``label_<attribute>``
+    attributes: dict[str, list[str]] = {}
+    #: prompt templates per attribute (default: ``templates``)
+    attribute_templates: dict[str, list[str]] = {}
+    #: set by the constructor, so an evaluator can rebuild the train split: ``type(ds)(ds.cfg, "train", ds.seed)``
+    cfg: DatasetConfig
+    split: str
+    seed: int
