@@ -1,0 +1,233 @@
+"""Helpers the quantizer plugins share: straight-through, chunked nearest-code search, k-means,
+code-usage statistics and the exact bit-factorised entropies of the lookup-free family.
+
+Written by hand because no installed library offers them with the memory bounds vtok needs:
+vector-quantize-pytorch materialises the full N x K distance matrix and, for LFQ, the N x 2^d
+probability matrix (see ``python -m core.bench quantizers``).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from core.dist import all_reduce_sum_, broadcast_
+
+#: default bound on the elements of one (rows x codes) similarity block: 2^22 floats = 16 MB
+SEARCH_BUDGET = 1 << 22
+
+
+def straight_through(z: Tensor, q: Tensor) -> Tensor:
+    """Value exactly ``q`` (bit for bit), gradient the identity to ``z``: ``sg(q) + (z - sg(z))``.
+
+    Equivalent to the usual ``z + sg(q - z)`` but without its rounding error, so
+    ``indices_to_codes`` reproduces ``quantized`` exactly.
+    """
+    return q.detach() + (z - z.detach())
+
+
+# ----------------------------------------------------------------------------------------------
+# nearest-code search and k-means
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def nearest_code(x: Tensor, codebook: Tensor, metric: str, budget: int = SEARCH_BUDGET) -> Tensor:
+    """Index of the nearest code for every row, per sub-codebook, without the full N x K matrix.
+
+    x: ``(n, M, d)``, codebook: ``(n, K, d)`` -> int64 ``(n, M)``. ``metric``: ``"dot"`` (argmax x.c,
+    i.e. cosine when both sides are l2-normalised) or ``"euclidean"`` (argmin ||x - c||^2 =
+    argmax x.c - ||c||^2/2). Rows are processed in chunks of ``budget // (n K)`` so memory is
+    O(n M d + n K d + chunk n K).
+    """
+    n, m, _ = x.shape
+    k = codebook.shape[1]
+    cb_t = codebook.transpose(1, 2)
+    bias = (-0.5 * codebook.pow(2).sum(-1)).unsqueeze(1) if metric == "euclidean" else None
+    rows = max(1, budget // (n * k))
+    out = torch.empty(n, m, dtype=torch.long, device=x.device)
+    for s in range(0, m, rows):
+        xs = x[:, s : s + rows]
+        sim = torch.baddbmm(bias, xs, cb_t) if bias is not None else torch.bmm(xs, cb_t)
+        out[:, s : s + rows] = sim.argmax(-1)
+    return out
+
+
+def gather_codes(codebook: Tensor, idx: Tensor) -> Tensor:
+    """codebook ``(n, K, d)``, idx ``(n, M)`` -> codes ``(n, M, d)`` (differentiable in the codebook)."""
+    return torch.gather(codebook, 1, idx.unsqueeze(-1).expand(-1, -1, codebook.shape[-1]))
+
+
+@torch.no_grad()
+def cluster_sums(x: Tensor, idx: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Per-code sums ``(n, K, d)`` and counts ``(n, K)`` of the rows assigned to each code."""
+    n, _, d = x.shape
+    sums = x.new_zeros(n, k, d).scatter_add_(1, idx.unsqueeze(-1).expand(-1, -1, d), x)
+    counts = x.new_zeros(n, k).scatter_add_(1, idx, torch.ones_like(idx, dtype=x.dtype))
+    return sums, counts
+
+
+@torch.no_grad()
+def kmeans(x: Tensor, k: int, iters: int, metric: str, budget: int = SEARCH_BUDGET) -> Tensor:
+    """Lloyd's k-means per sub-codebook, vectorised over the n sub-codebooks. x ``(n, M, d)``.
+
+    Starts from k random rows (with replacement when M < k). ``metric="dot"`` re-normalises the
+    centroids (spherical k-means). An empty cluster keeps its previous centroid. Every iteration
+    ends with the centroid update, so each cluster's squared error is at most that of the zero
+    vector (the mean minimises it) -- what makes residual quantization's error non-increasing.
+    The result is broadcast from rank 0 under torch.distributed.
+    """
+    n, m, _ = x.shape
+    c = gather_codes(x, torch.randint(m, (n, k), device=x.device))
+    for _ in range(iters):
+        sums, counts = cluster_sums(x, nearest_code(x, c, metric, budget), k)
+        new = sums / counts.clamp_min(1).unsqueeze(-1)
+        new = F.normalize(new, dim=-1) if metric == "dot" else new
+        c = torch.where(counts.unsqueeze(-1) > 0, new, c)
+    return broadcast_(c.contiguous())
+
+
+# ----------------------------------------------------------------------------------------------
+# usage statistics (UniTok definition), all-reduced at call time
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def code_counts(idx: Tensor, k: int) -> Tensor:
+    """idx ``(M, n)`` codes of n codebooks of size k -> counts ``(n, k)`` summed over ranks.
+
+    ``index_add_`` instead of ``bincount``/``unique``: no data-dependent output size, no host sync.
+    """
+    m, n = idx.shape
+    flat = (idx + torch.arange(n, device=idx.device) * k).reshape(-1)
+    counts = torch.zeros(n * k, device=idx.device).index_add_(0, flat, torch.ones(flat.numel(), device=idx.device))
+    return all_reduce_sum_(counts).view(n, k)
+
+
+@torch.no_grad()
+def usage_metrics(counts: Tensor, per_codebook: bool = True) -> dict[str, Tensor]:
+    """From counts ``(n, K)``: ``usage`` (% of codes with batch frequency > 0.01/K, UniTok),
+    ``perplexity`` (exp of the entropy of the batch code distribution) and ``dead_codes`` (codes
+    never chosen in the batch), each averaged over the n codebooks; ``usage/i`` etc. per codebook
+    when n > 1. Depends on the batch size: log it beside."""
+    k = counts.shape[-1]
+    p = counts / counts.sum(-1, keepdim=True).clamp_min(1)
+    usage = (p > 0.01 / k).float().mean(-1) * 100
+    ppl = torch.exp(-torch.special.xlogy(p, p).sum(-1))
+    dead = (counts == 0).float().sum(-1)
+    out = {"usage": usage.mean(), "perplexity": ppl.mean(), "dead_codes": dead.mean()}
+    if per_codebook and counts.shape[0] > 1:
+        for i in range(counts.shape[0]):
+            out.update({f"usage/{i}": usage[i], f"perplexity/{i}": ppl[i], f"dead_codes/{i}": dead[i]})
+    return out
+
+
+@torch.no_grad()
+def bit_balance(bits: Tensor) -> Tensor:
+    """bits ``(M, d)`` bool -> 1 - mean_i |2 f_i - 1| where f_i is the (all-reduced) frequency of
+    bit i being 1: 1 when every bit is split 50/50, 0 when every bit is constant."""
+    stats = torch.cat([bits.float().sum(0), bits.new_tensor([bits.shape[0]], dtype=torch.float32)])
+    stats = all_reduce_sum_(stats)
+    f = stats[:-1] / stats[-1].clamp_min(1)
+    return 1 - (2 * f - 1).abs().mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# bits <-> indices
+# ----------------------------------------------------------------------------------------------
+
+
+def bit_weights(nbits: int, order: str, device=None) -> Tensor:
+    """2^i for bit i (little-endian: bit 0 is the least significant) or 2^(d-1-i) (big-endian)."""
+    w = 2 ** torch.arange(nbits, device=device, dtype=torch.long)
+    return w if order == "little" else w.flip(0)
+
+
+def bits_to_index(bits: Tensor, order: str) -> Tensor:
+    """bool ``(..., d)`` -> int64 ``(...)``."""
+    return (bits.long() * bit_weights(bits.shape[-1], order, bits.device)).sum(-1)
+
+
+def index_to_bits(idx: Tensor, nbits: int, order: str) -> Tensor:
+    """int64 ``(...)`` -> bool ``(..., d)``."""
+    return (idx.unsqueeze(-1) & bit_weights(nbits, order, idx.device)) != 0
+
+
+def all_bits(nbits: int, device=None, start: int = 0, stop: int | None = None) -> Tensor:
+    """float ``(K, nbits)`` 0/1 patterns of codes ``start..stop`` (little-endian)."""
+    codes = torch.arange(start, stop if stop is not None else 2**nbits, device=device)
+    return index_to_bits(codes, nbits, "little").float()
+
+
+# ----------------------------------------------------------------------------------------------
+# entropies of the lookup-free family
+#
+# Every LFQ-style soft assignment is a softmax over the implicit codebook of logits linear in the
+# code's bits b in {0,1}^d: p(b | a) ∝ exp(a . b) with a per-bit logit a (LFQ: a = 4 z / T since
+# 2 z.c / T = 4 z.b / T + const for c = 2b - 1). It factorises over bits: p(b_i = 1) = sigmoid(a_i).
+# ----------------------------------------------------------------------------------------------
+
+
+def bit_entropy(a: Tensor) -> Tensor:
+    """Entropy (nats) of Bernoulli(sigmoid(a)), elementwise, stable for large |a|."""
+    p = torch.sigmoid(a)
+    return p * F.softplus(-a) + (1 - p) * F.softplus(a)
+
+
+def sample_entropy(a: Tensor) -> Tensor:
+    """EXACT mean over rows of H(p(. | a_row)) over the whole 2^d codebook, in O(M d).
+
+    a ``(M, d)``; the entropy of a product distribution is the sum of the bit entropies.
+    """
+    return bit_entropy(a).sum(-1).mean()
+
+
+def group_probs(a: Tensor) -> Tensor:
+    """a ``(M, G, g)`` -> exact marginal distribution of each group's 2^g sub-codes ``(M, G, 2^g)``
+    (little-endian sub-code index). Memory O(M G 2^g)."""
+    return torch.softmax(a @ all_bits(a.shape[-1], a.device).t(), dim=-1)
+
+
+def entropy(p: Tensor) -> Tensor:
+    """Entropy (nats) over the last axis."""
+    return -torch.special.xlogy(p, p).sum(-1)
+
+
+def _codebook_entropy_chunk(a: Tensor, start: int, stop: int) -> Tensor:
+    """-sum_{c in [start, stop)} P(c) log P(c), P(c) = mean_rows p(c | a_row), computed in log space."""
+    log_norm = F.softplus(a).sum(-1, keepdim=True)  # log sum_b exp(a.b) = sum_i log(1 + e^a_i)
+    logp = a @ all_bits(a.shape[-1], a.device, start, stop).t() - log_norm  # (M, chunk)
+    log_pc = torch.logsumexp(logp, dim=0) - math.log(a.shape[0])
+    return -(log_pc.exp() * log_pc).sum()
+
+
+def codebook_entropy_exact(a: Tensor, chunk: int = 4096) -> Tensor:
+    """EXACT H(mean over rows of p(. | a_row)) over all 2^d codes, streamed ``chunk`` codes at a time.
+
+    Time O(M d 2^d); memory O(M chunk): each chunk is recomputed in backward
+    (``torch.utils.checkpoint``) instead of storing the M x 2^d probabilities.
+    """
+    total = a.new_zeros(())
+    for s in range(0, 2 ** a.shape[-1], chunk):
+        stop = min(s + chunk, 2 ** a.shape[-1])
+        total = total + (checkpoint(_codebook_entropy_chunk, a, s, stop, use_reentrant=False) if a.requires_grad
+                         else _codebook_entropy_chunk(a, s, stop))
+    return total
+
+
+def codebook_entropy_grouped(a: Tensor, group: int, pooled: bool = False) -> Tensor:
+    """Group-factorised codebook entropy from a ``(M, d)``, groups of ``group`` consecutive bits.
+
+    ``pooled=False`` (BSQ): sum over groups of H(mean_rows p_group) -- exact per group, an UPPER
+    bound of the exact codebook entropy (equal when groups are independent); group=1 is per-bit.
+    ``pooled=True`` (WeTok): H of the single 2^g distribution averaged over rows AND groups.
+    Memory O(M (d/g) 2^g).
+    """
+    m, d = a.shape
+    probs = group_probs(a.view(m, d // group, group))
+    if pooled:
+        return entropy(probs.mean(dim=(0, 1)))
+    return entropy(probs.mean(0)).sum()
