@@ -1,0 +1,79 @@
+"""The full-scale configs validate and build on the meta device (nothing allocated), with the
+parameter counts the papers imply; ``python -m core.run --dry-run`` accepts them.
+
+The configs name local weight files (LPIPS VGG, DINOv2, the distillation teacher) that the loss
+configs check exist; here empty placeholder files stand in for them (nothing is loaded).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from core.config import load_experiment
+from core.model import Tokenizer, parameter_counts
+
+ROOT = Path(__file__).resolve().parent.parent
+FULL = ROOT / "experiments" / "full"
+
+
+def weight_overrides(path: Path, tmp: Path) -> list[str]:
+    """Point every weights file the config names at an empty placeholder."""
+    import yaml
+
+    out = []
+    for i, loss in enumerate(yaml.safe_load(path.read_text())["losses"]):
+        kind = loss["type"]
+        key = {"perceptual": "backbone_path", "distill": "teacher.path"}.get(kind)
+        if kind == "adversarial" and loss.get("discriminator") == "dino":
+            key = "dino_weights"
+        if key:
+            placeholder = tmp / f"{kind}.weights"
+            placeholder.touch()
+            out.append(f"losses.{i}.{key}={placeholder}")
+    return out
+
+
+def build_meta(name: str, tmp: Path):
+    path = FULL / f"{name}.yaml"
+    exp = load_experiment(path, weight_overrides(path, tmp))
+    with torch.device("meta"):
+        model = Tokenizer(exp.model, exp.data.image_size)
+    counts = parameter_counts(model)
+    print(name, {k: f"{v / 1e6:.1f}M" for k, v in counts.items()})
+    return exp, model, counts
+
+
+def test_unitok_vitamin_large(tmp_path):
+    exp, model, counts = build_meta("unitok_vitamin_large", tmp_path)
+    assert exp.data.image_size == 256 and model.grid == (16, 16)
+    q = model.quantizer
+    assert q.codes_per_token == 8 and q.bits_per_token == 96 and q.codebook_sizes == [4096] * 8
+    assert 320e6 < counts["encoder"] < 345e6  # ViTamin-L: ~333M
+    assert 120e6 < counts["text"] < 127e6  # CLIP-L text tower (width 768, 12 layers): ~123.7M
+    assert 3.0e6 < counts["pre_projector"] < 3.5e6  # qkv Linear(1024, 3 * 1024) dominates
+    assert counts["quantizer"] == 8 * 4096 * 8
+    assert 300e6 < counts["decoder"] < 380e6  # the mirror of the encoder
+    assert model.pre_projector.attn.heads == 16 and model.pre_projector.attn.average
+    assert model.post_projector.attn.heads == 16 and not model.post_projector.attn.average
+    assert all(p.device.type == "meta" for p in model.parameters())
+
+
+def test_uniwetok(tmp_path):
+    exp, model, counts = build_meta("uniwetok", tmp_path)
+    assert model.encoder.downsample == 32 and model.grid == (8, 8)
+    q = model.quantizer
+    assert q.codes_per_token == 16 and q.bits_per_token == 128
+    assert exp.model.encoder.final_activation == "siglu"
+    assert 60e6 < counts["encoder"] < 120e6 and 60e6 < counts["decoder"] < 150e6
+
+
+@pytest.mark.parametrize("name", ["unitok_vitamin_large", "uniwetok"])
+def test_dry_run_cli(name, tmp_path, capsys):
+    from core.run import main
+
+    path = FULL / f"{name}.yaml"
+    assert main(["--dry-run", str(path), *weight_overrides(path, tmp_path)]) in (0, None)
+    out = capsys.readouterr().out
+    assert "encoder" in out and "total" in out
