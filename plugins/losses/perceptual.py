@@ -1,0 +1,53 @@
+"""Perceptual loss: LPIPS (Zhang et al. 2018) through the ``lpips`` package (UniTok: VGG16, weight 1).
+
+The trunk weights are read from a local file (``backbone_path``, else torchvision's file in the
+torch hub cache); a missing file fails at config validation with one line naming it.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal, Optional
+
+from pydantic import model_validator
+from torch import Tensor, nn
+
+from core.hookspecs import hookimpl
+from core.interfaces import Loss, LossConfig
+from plugins.lpips_net import Backbone, build_lpips, check_backbone_file, lpips_distance
+
+
+class PerceptualConfig(LossConfig):
+    type: Literal["perceptual"] = "perceptual"
+    net: Backbone = "vgg"  # LPIPS trunk: vgg (UniTok) or alex
+    backbone_path: Optional[str] = None  # torchvision trunk weights; None: the torch hub cache file
+
+    @model_validator(mode="after")
+    def _weights_present(self) -> "PerceptualConfig":
+        check_backbone_file(self.net, self.backbone_path)
+        return self
+
+
+class PerceptualLoss(Loss):
+    """Mean LPIPS between input and reconstruction (term ``lpips``), fp32, frozen network."""
+
+    Config = PerceptualConfig
+
+    def __init__(self, cfg: PerceptualConfig, model: Any = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        # frozen and large: kept out of the module tree so it is neither checkpointed nor optimised;
+        # moved to the batch's device on first use
+        self._net: tuple[nn.Module] = (build_lpips(cfg.net, cfg.backbone_path),)
+
+    @property
+    def net(self) -> nn.Module:
+        return self._net[0]
+
+    def forward(self, batch: dict[str, Any], outputs: dict[str, Any], step: int) -> dict[str, Tensor]:
+        x, y = outputs["images"], outputs["recon"]
+        net = self.net.to(x.device)
+        return {"lpips": lpips_distance(net, y, x).mean()}
+
+
+@hookimpl
+def register_losses(register):
+    register("perceptual", PerceptualLoss)

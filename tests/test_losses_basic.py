@@ -1,0 +1,85 @@
+"""pixel, quantizer (weights + 3x->1x ramp), contrastive (InfoNCE by hand), the common schedule."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from core.errors import ConfigError
+from losses_helpers import images, tiny_exp, tiny_model
+from plugins.losses.contrastive import ContrastiveLoss
+from plugins.losses.pixel import PixelLoss
+from plugins.losses.quantizer import QuantizerLoss, ramp_factor
+
+
+def test_pixel_hand_values():
+    x = torch.tensor([[[[0.0, 1.0], [-1.0, 0.5]]]]).expand(1, 3, 2, 2)
+    y = torch.tensor([[[[0.5, 1.0], [0.0, 0.5]]]]).expand(1, 3, 2, 2)
+    loss = PixelLoss(PixelLoss.Config(l1=0.2, l2=1.0))
+    terms = loss({}, {"images": x, "recon": y}, 0)
+    assert terms["l1"].item() == pytest.approx((0.5 + 1.0) / 4)
+    assert terms["l2"].item() == pytest.approx((0.25 + 1.0) / 4)
+    assert loss.term_weights() == {"l1": 0.2, "l2": 1.0}
+
+
+def test_schedule_start_and_warmup():
+    loss = PixelLoss(PixelLoss.Config(weight=2.0, start_step=10, warmup_steps=4))
+    assert [loss.schedule(s) for s in (0, 9, 10, 11, 13, 100)] == [0.0, 0.0, 0.5, 1.0, 2.0, 2.0]
+
+
+def test_quantizer_weights_from_quantizer_then_overrides():
+    model = tiny_model()
+    assert QuantizerLoss(QuantizerLoss.Config(), model=model).term_weights() == model.quantizer.loss_weights()
+    w = QuantizerLoss(QuantizerLoss.Config(terms={"commitment": 0.5}), model=model).term_weights()
+    assert w["commitment"] == 0.5
+    assert w["codebook"] == model.quantizer.loss_weights()["codebook"]
+    out = model(images())
+    assert set(QuantizerLoss(QuantizerLoss.Config(), model=model)({}, out, 0)) == set(out["quant"].losses)
+
+
+def test_quantizer_ramp_three_to_one():
+    assert [ramp_factor(s, 4, 3.0) for s in (0, 1, 2, 4, 9)] == [3.0, 2.5, 2.0, 1.0, 1.0]
+    loss = QuantizerLoss(QuantizerLoss.Config(weight=0.1, ramp_steps=2000), model=tiny_model())
+    assert loss.schedule(0) == pytest.approx(0.3)
+    assert loss.schedule(1000) == pytest.approx(0.2)
+    assert loss.schedule(5000) == pytest.approx(0.1)
+    assert QuantizerLoss(QuantizerLoss.Config(weight=0.1), model=tiny_model()).schedule(0) == pytest.approx(0.1)
+
+
+def test_contrastive_equals_direct_softmax_cross_entropy():
+    model = tiny_model(text=True)
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(10.0))
+    texts = ["a red circle", "a blue square", "a green star", "a big triangle"]
+    out = model(images())
+    loss = ContrastiveLoss(ContrastiveLoss.Config(), model=model)
+    got = loss({"text": texts}, out, 0)["clip"]
+    img = out["image_embed"]
+    txt = model.encode_text(texts)
+    logits = 10.0 * img @ txt.t()
+    labels = torch.arange(4)
+    ref = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+    assert got.item() == pytest.approx(ref.item(), rel=1e-5)
+    got.backward()  # gradients reach both towers and the logit scale
+    assert model.logit_scale.grad is not None and model.text.transformer.token_embedding.weight.grad.abs().sum() > 0
+    assert sum(p.grad.abs().sum() for p in model.encoder.parameters() if p.grad is not None) > 0
+
+
+def test_contrastive_logit_scale_is_clamped():
+    model = tiny_model(text=True)
+    with torch.no_grad():
+        model.logit_scale.fill_(10.0)  # above ln 100
+    texts = ["a", "b"]
+    out = model(images(2))
+    got = ContrastiveLoss(ContrastiveLoss.Config(), model=model)({"text": texts}, out, 0)["clip"]
+    logits = 100.0 * out["image_embed"] @ model.encode_text(texts).t()
+    ref = 0.5 * (F.cross_entropy(logits, torch.arange(2)) + F.cross_entropy(logits.t(), torch.arange(2)))
+    assert got.item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+def test_contrastive_needs_text_at_validation():
+    with pytest.raises(ConfigError, match="needs a text tower"):
+        tiny_exp(losses=[{"type": "contrastive"}])
+    tiny_exp(losses=[{"type": "contrastive"}], text=True)  # shapes has captions
