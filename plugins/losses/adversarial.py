@@ -77,6 +77,8 @@ class PatchGAN(nn.Module):
             ch = out
         layers.append(nn.Conv2d(ch, 1, 4, 1, 1))
         self.net = nn.Sequential(*layers)
+        # n_layers halvings, then two 4x4 stride-1 convs that each remove one pixel
+        self.min_size = 3 * 2**n_layers
         for m in self.modules():  # VQGAN's init
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, 0.0, 0.02)
@@ -85,10 +87,8 @@ class PatchGAN(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        # small images: pad so the 4x4 convs always have something to read
-        min_size = 2 ** (len([m for m in self.net if isinstance(m, nn.Conv2d)]) - 1)
-        if x.shape[-1] < min_size:
-            x = F.interpolate(x, size=(min_size, min_size), mode="bilinear", align_corners=False)
+        if min(x.shape[-2:]) < self.min_size:  # tiny images: upsample so the last 4x4 convs fit
+            x = F.interpolate(x, size=(self.min_size,) * 2, mode="bilinear", align_corners=False)
         return self.net(x).flatten(1)
 
 
@@ -210,7 +210,14 @@ class AdversarialLoss(Loss):
         if step < self.cfg.start_step:  # no D forward before the GAN starts
             zero = recon.new_zeros((), dtype=torch.float32)
             return {"generator": zero, "adaptive_weight": zero, "logits_fake": zero}
-        logits_fake = self._d(recon)
+        params = self.aux_parameters()
+        try:  # the generator step must not fill the discriminator's .grad
+            for p in params:
+                p.requires_grad_(False)
+            logits_fake = self._d(recon)
+        finally:
+            for p in params:
+                p.requires_grad_(True)
         gen = -logits_fake.mean()
         rec = self._rec_loss(outputs)
         weight = gen.new_ones(())
@@ -223,7 +230,8 @@ class AdversarialLoss(Loss):
 
     # ---- discriminator side ------------------------------------------------------------------
     def aux_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.discriminator.parameters() if p.requires_grad]
+        frozen = set(map(id, self.discriminator.backbone.parameters())) if hasattr(self.discriminator, "backbone") else set()
+        return [p for p in self.discriminator.parameters() if id(p) not in frozen]
 
     def aux_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, lr=self.cfg.d_lr, betas=self.cfg.d_betas, weight_decay=self.cfg.d_weight_decay)
