@@ -1,0 +1,199 @@
+"""Fréchet distance between originals and reconstructions in a declared feature space.
+
+FD = |mu_1 - mu_2|^2 + Tr(S_1 + S_2 - 2 (S_1 S_2)^(1/2)) over the eval set's features (Heusel et
+al. 2017, Eq. 6), computed with torch-fidelity's statistics functions.
+
+``rfid``: torch-fidelity's Inception-v3 (the 2015-12-05 TensorFlow weights converted to PyTorch,
+file ``weights-inception-2015-12-05-6726825d.pth``), 2048-d pool features of uint8 images resized
+inside to 299 px, as UniTok reports it. The weights are never downloaded: they are read from
+``inception_weights``, else ``$VTOK_INCEPTION_WEIGHTS``, else the cache dir, else torch hub's
+checkpoint dir (where torch-fidelity would have put them).
+
+``fd_refnet``: when no Inception weights are available (``extractor: auto``) or asked for
+(``extractor: reference``): the global-pooled features of a small CNN classifier that vtok trains
+once on the dataset's TRAIN split labels and caches under ``<cache_dir>/fd_reference/`` keyed by
+a hash of the dataset config, seed and classifier config. Never reported as ``rfid``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor, nn
+
+from core.errors import ConfigError
+from core.hookspecs import hookimpl
+from core.interfaces import ComponentConfig, Evaluator
+from plugins.evaluators._common import base_dataset, device_of
+
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+REFNET_VERSION = 1  # bump when RefNet or its training changes: invalidates cached networks
+
+
+class FdConfig(ComponentConfig):
+    type: Literal["fd"] = "fd"
+    # auto: rfid when Inception weights are found, else fd_refnet; inception: rfid or fail; reference: fd_refnet
+    extractor: Literal["auto", "inception", "reference"] = "auto"
+    inception_weights: Optional[str] = None  # path of weights-inception-2015-12-05-6726825d.pth
+    cache_dir: Optional[str] = None  # default: $VTOK_CACHE or ./.vtok_cache
+    ref_width: int = Field(16, gt=0)  # reference CNN channels of the first stage (x2, x4, x4 after)
+    ref_image_size: int = Field(32, ge=8)  # images are resized to this side for the reference CNN
+    ref_steps: int = Field(200, gt=0)  # Adam steps training the reference CNN (once per dataset)
+    ref_batch_size: int = Field(64, gt=0)  # its batch size
+    ref_lr: float = Field(2e-3, gt=0)  # its learning rate
+
+
+def cache_dir(cfg: FdConfig) -> Path:
+    return Path(cfg.cache_dir or os.environ.get("VTOK_CACHE") or ".vtok_cache")
+
+
+def frechet_distance(a: Tensor, b: Tensor) -> float:
+    """FD between the Gaussians fitted to two ``(N, D)`` feature sets (torch-fidelity's formula)."""
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
+
+    sa = fid_features_to_statistics(a.detach().double().cpu())
+    sb = fid_features_to_statistics(b.detach().double().cpu())
+    return float(fid_statistics_to_metric(sa, sb, verbose=False)[KEY_METRIC_FID])
+
+
+def to_uint8(images: Tensor) -> Tensor:
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+# ---- Inception --------------------------------------------------------------------------------
+
+def find_inception_weights(cfg: FdConfig) -> Optional[Path]:
+    if cfg.inception_weights:
+        return Path(cfg.inception_weights)
+    cands = [os.environ.get("VTOK_INCEPTION_WEIGHTS"), cache_dir(cfg) / INCEPTION_FILE,
+             Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE]
+    return next((Path(c) for c in cands if c and Path(c).is_file()), None)
+
+
+def inception(path: Path) -> nn.Module:
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    if not path.is_file():
+        raise ConfigError("eval.fd.inception_weights", f"{path} not found: rfid needs torch-fidelity's Inception-v3 "
+                          f"weights file {INCEPTION_FILE} (no download here)")
+    return FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path))
+
+
+# ---- the reference network --------------------------------------------------------------------
+
+class RefNet(nn.Module):
+    """Four 3x3 conv stages (GroupNorm, SiLU; strides 1, 2, 2, 2) -> global mean pool -> linear."""
+
+    def __init__(self, width: int, n_classes: int, image_size: int) -> None:
+        super().__init__()
+        chans = [3, width, 2 * width, 4 * width, 4 * width]
+        layers: list[nn.Module] = []
+        for i, (cin, cout) in enumerate(zip(chans, chans[1:])):
+            layers += [nn.Conv2d(cin, cout, 3, stride=1 if i == 0 else 2, padding=1), nn.GroupNorm(8, cout), nn.SiLU()]
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(chans[-1], n_classes)
+        self.image_size = image_size
+
+    def features(self, images: Tensor) -> Tensor:
+        x = images.float()
+        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+            x = F.interpolate(x, size=(self.image_size,) * 2, mode="bilinear", align_corners=False, antialias=True)
+        return self.body(x).mean(dim=(2, 3))
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.head(self.features(images))
+
+
+def refnet_key(ds, cfg: FdConfig) -> str:
+    spec = {"data": ds.cfg.model_dump(mode="json"), "seed": ds.seed, "version": REFNET_VERSION,
+            **{k: getattr(cfg, k) for k in ("ref_width", "ref_image_size", "ref_steps", "ref_batch_size", "ref_lr")}}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _train_batches(ds, batch_size: int, seed: int):
+    """Endless labelled batches of the dataset's train split (reshuffled per pass for map-style)."""
+    train = type(ds)(ds.cfg, split="train", seed=ds.seed)
+    iterable = isinstance(train, torch.utils.data.IterableDataset)
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        loader = torch.utils.data.DataLoader(train, batch_size=batch_size, shuffle=not iterable, generator=None if iterable else g, drop_last=not iterable)
+        yield from loader
+
+
+def train_refnet(ds, cfg: FdConfig) -> RefNet:
+    if not ds.class_names:
+        raise ConfigError("eval.fd", f"the reference extractor trains on class labels and data '{ds.cfg.type}' has none; "
+                          f"give Inception weights (eval.fd.inception_weights) instead")
+    torch.manual_seed(0)
+    net = RefNet(cfg.ref_width, len(ds.class_names), cfg.ref_image_size)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.ref_lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.ref_steps)
+    batches = _train_batches(ds, cfg.ref_batch_size, seed=0)
+    for _ in range(cfg.ref_steps):
+        batch = next(batches)
+        labels = torch.as_tensor(batch["label"])
+        keep = labels >= 0
+        loss = F.cross_entropy(net(batch["image"][keep]), labels[keep])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return net.eval()
+
+
+def load_or_train_refnet(ds, cfg: FdConfig) -> RefNet:
+    from safetensors.torch import load_file, save_file
+
+    path = cache_dir(cfg) / "fd_reference" / f"{ds.cfg.type}-{refnet_key(ds, cfg)}.safetensors"
+    if path.is_file():
+        net = RefNet(cfg.ref_width, len(ds.class_names), cfg.ref_image_size)
+        net.load_state_dict(load_file(str(path)))
+        return net.eval()
+    with torch.enable_grad():  # evaluators run under no_grad; the reference net trains here, once
+        net = train_refnet(ds, cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp))
+    os.replace(tmp, path)  # atomic: concurrent runs never read a half-written file
+    return net
+
+
+# ---- the evaluator ----------------------------------------------------------------------------
+
+class Fd(Evaluator):
+    """Fréchet distance of reconstructions to originals: ``rfid`` (Inception-v3) or ``fd_refnet``."""
+
+    Config = FdConfig
+
+    def extractor(self, loader) -> tuple[str, nn.Module, bool]:
+        """(metric name, feature function module, wants uint8 input)."""
+        weights = find_inception_weights(self.cfg) if self.cfg.extractor != "reference" else None
+        if self.cfg.extractor == "inception" or weights is not None:
+            return "rfid", inception(weights or cache_dir(self.cfg) / INCEPTION_FILE), True
+        net = load_or_train_refnet(base_dataset(loader), self.cfg)
+        return "fd_refnet", net, False
+
+    def evaluate(self, model, loader) -> dict[str, float]:
+        name, net, uint8 = self.extractor(loader)
+        device = device_of(model)
+        net = net.to(device)
+        feats = net if uint8 else net.features
+        real, fake = [], []
+        for batch in loader:
+            x = batch["image"].to(device)
+            y = model(x)["recon"].float().clamp(-1, 1)
+            fx, fy = (feats(to_uint8(x)), feats(to_uint8(y))) if uint8 else (feats(x), feats(y))
+            real.append(fx[0] if isinstance(fx, tuple) else fx)
+            fake.append(fy[0] if isinstance(fy, tuple) else fy)
+        return {name: frechet_distance(torch.cat(real), torch.cat(fake))}
+
+
+@hookimpl
+def register_evaluators(register):
+    register("fd", Fd)
