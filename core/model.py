@@ -29,6 +29,8 @@ class TextTower(nn.Module):
 
     def __init__(self, cfg: Any, embed_dim: int) -> None:
         super().__init__()
+        if cfg.width % cfg.heads:
+            raise ConfigError("model.text.heads", f"{cfg.heads} heads do not divide the text width {cfg.width}")
         from open_clip.tokenizer import SimpleTokenizer
         from open_clip.transformer import TextTransformer
 
