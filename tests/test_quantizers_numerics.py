@@ -172,9 +172,10 @@ def test_binary_index_code_bijection(make, order):
         assert torch.equal(codes[0, 1] > 0, torch.tensor([True, False, False, False, False]))
 
 
-def test_lfq_entropies_equal_brute_force_and_gradients_match():
-    d, T = 6, 0.5
-    q = LFQ(LFQConfig(code_dim=d, entropy_temperature=T, entropy_chunk=5))  # many streamed chunks
+@pytest.mark.parametrize("d", [5, 6])
+def test_lfq_entropies_equal_brute_force_and_gradients_match(d):
+    T = 0.5
+    q = LFQ(LFQConfig(code_dim=d, entropy_temperature=T))
     z = randn(1, 40, d, seed=9).requires_grad_(True)
     out = q(z)
     h_ps, h_cb = brute_entropies(2 * z.reshape(-1, d) @ full_codebook(d).t() / T)
@@ -183,6 +184,13 @@ def test_lfq_entropies_equal_brute_force_and_gradients_match():
     (g,) = torch.autograd.grad(out.losses["entropy"], z)
     (g_ref,) = torch.autograd.grad(h_ps - h_cb, z)
     assert torch.allclose(g, g_ref, atol=1e-5)
+
+
+def test_sharp_temperature_keeps_entropy_gradients_finite():
+    q = LFQ(LFQConfig(code_dim=10))  # T = 0.01: most probabilities underflow to exactly 0
+    z = randn(1, 64, 10, seed=13).requires_grad_(True)
+    q(z).losses["entropy"].backward()
+    assert torch.isfinite(z.grad).all()
 
 
 def test_grouped_codebook_entropy_equals_brute_marginals():

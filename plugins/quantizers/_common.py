@@ -7,17 +7,15 @@ probability matrix (see ``python -m core.bench quantizers``).
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from core.dist import all_reduce_sum_, broadcast_
 
-#: default bound on the elements of one (rows x codes) similarity block: 2^22 floats = 16 MB
-SEARCH_BUDGET = 1 << 22
+#: default bound on the elements of one (rows x codes) similarity block: 2^18 floats = 1 MB (stays in L2)
+SEARCH_BUDGET = 1 << 18
 
 
 def straight_through(z: Tensor, q: Tensor) -> Tensor:
@@ -186,36 +184,39 @@ def sample_entropy(a: Tensor) -> Tensor:
 
 
 def group_probs(a: Tensor) -> Tensor:
-    """a ``(M, G, g)`` -> exact marginal distribution of each group's 2^g sub-codes ``(M, G, 2^g)``
-    (little-endian sub-code index). Memory O(M G 2^g)."""
+    """a ``(..., g)`` -> exact distribution of the 2^g sub-codes ``(..., 2^g)`` (little-endian index).
+    Memory O(2^g) per row: use only for small g (see :func:`code_distribution`)."""
     return torch.softmax(a @ all_bits(a.shape[-1], a.device).t(), dim=-1)
 
 
 def entropy(p: Tensor) -> Tensor:
-    """Entropy (nats) over the last axis."""
-    return -torch.special.xlogy(p, p).sum(-1)
+    """Entropy (nats) over the last axis; probabilities that underflowed to 0 add 0 (finite gradient)."""
+    return -(p * p.clamp_min(1e-30).log()).sum(-1)
 
 
-def _codebook_entropy_chunk(a: Tensor, start: int, stop: int) -> Tensor:
-    """-sum_{c in [start, stop)} P(c) log P(c), P(c) = mean_rows p(c | a_row), computed in log space."""
-    log_norm = F.softplus(a).sum(-1, keepdim=True)  # log sum_b exp(a.b) = sum_i log(1 + e^a_i)
-    logp = a @ all_bits(a.shape[-1], a.device, start, stop).t() - log_norm  # (M, chunk)
-    log_pc = torch.logsumexp(logp, dim=0) - math.log(a.shape[0])
-    return -(log_pc.exp() * log_pc).sum()
+def code_distribution(a: Tensor, pool_groups: bool = False) -> Tensor:
+    """EXACT mean over rows of p(. | a_row) over all 2^g codes of each group, without M x 2^g.
 
-
-def codebook_entropy_exact(a: Tensor, chunk: int = 4096) -> Tensor:
-    """EXACT H(mean over rows of p(. | a_row)) over all 2^d codes, streamed ``chunk`` codes at a time.
-
-    Time O(M d 2^d); memory O(M chunk): each chunk is recomputed in backward
-    (``torch.utils.checkpoint``) instead of storing the M x 2^d probabilities.
+    a ``(M, G, g)`` -> ``(G, 2^g)`` (``(2^g,)`` with ``pool_groups``: also averaged over groups).
+    Split each group's bits into a low half (h = g // 2 bits) and a high half; p factorises as
+    p(c) = p_lo(c_lo) p_hi(c_hi), so mean_rows p(c) = (HI^T LO)[c_hi, c_lo] / M, one GEMM with
+    inner size M. Memory O(M G (2^h + 2^(g-h)) + G 2^g), time O(M G 2^g) in a BLAS matmul.
     """
-    total = a.new_zeros(())
-    for s in range(0, 2 ** a.shape[-1], chunk):
-        stop = min(s + chunk, 2 ** a.shape[-1])
-        total = total + (checkpoint(_codebook_entropy_chunk, a, s, stop, use_reentrant=False) if a.requires_grad
-                         else _codebook_entropy_chunk(a, s, stop))
-    return total
+    m, groups, g = a.shape
+    h = g // 2
+    lo, hi = group_probs(a[..., :h]), group_probs(a[..., h:])  # (M, G, 2^h), (M, G, 2^(g-h))
+    if pool_groups:
+        return (hi.reshape(m * groups, -1).t() @ lo.reshape(m * groups, -1)).reshape(-1) / (m * groups)
+    joint = torch.bmm(hi.permute(1, 2, 0), lo.transpose(0, 1)) / m  # (G, 2^(g-h), 2^h)
+    return joint.reshape(groups, -1)  # index c_hi 2^h + c_lo = little-endian code index
+
+
+def codebook_entropy_exact(a: Tensor) -> Tensor:
+    """EXACT H(mean over rows of p(. | a_row)) over all 2^d codes; a ``(M, d)``.
+
+    Via :func:`code_distribution` with one group: O(M 2^(d/2) + 2^d) memory, one GEMM.
+    """
+    return entropy(code_distribution(a[:, None, :])[0])
 
 
 def codebook_entropy_grouped(a: Tensor, group: int, pooled: bool = False) -> Tensor:
@@ -224,10 +225,7 @@ def codebook_entropy_grouped(a: Tensor, group: int, pooled: bool = False) -> Ten
     ``pooled=False`` (BSQ): sum over groups of H(mean_rows p_group) -- exact per group, an UPPER
     bound of the exact codebook entropy (equal when groups are independent); group=1 is per-bit.
     ``pooled=True`` (WeTok): H of the single 2^g distribution averaged over rows AND groups.
-    Memory O(M (d/g) 2^g).
     """
     m, d = a.shape
-    probs = group_probs(a.view(m, d // group, group))
-    if pooled:
-        return entropy(probs.mean(dim=(0, 1)))
-    return entropy(probs.mean(0)).sum()
+    dist = code_distribution(a.view(m, d // group, group), pool_groups=pooled)
+    return entropy(dist) if pooled else entropy(dist).sum()

@@ -6,7 +6,7 @@ p(c | u) ∝ exp(2 inv_temperature u.c) (the softmax of -inv_temperature ||u - c
 factorises over bits with p(bit_i = 1) = sigmoid(4 inv_temperature u_i / sqrt(d)).
 H_ps (per-sample entropy) is EXACT, O(N d). H_cb: ``grouped`` (BSQ eq. 9) sums each group's exact
 marginal entropy over its 2^g sub-codes, groups of ``entropy_group_size`` consecutive bits
-(g=1: per bit), O(N (d/g) 2^g); ``exact`` streams all 2^d codes (O(N d 2^d) time, bounded memory).
+(g=1: per bit), O(N (d/g) 2^g); ``exact`` is exact over all 2^d codes (half-split GEMM, O(N 2^d) time, O(N 2^(d/2) + 2^d) memory).
 ``entropy = gamma0 H_ps - gamma H_cb``; paper weights: entropy 0.1 (zeta), commitment 0 (beta in
 the released configs). The 3x -> 1x entropy ramp over the first 2k steps is a loss schedule
 (``quantizer`` loss ``warmup``), not part of this module.
@@ -41,7 +41,6 @@ class BSQConfig(QuantizerConfig):
     codebook_entropy_weight: float = Field(1.0, ge=0)  # gamma inside ``entropy``
     codebook_entropy: Literal["grouped", "exact"] = "grouped"  # see the module docstring
     entropy_group_size: int = Field(9, ge=1, le=16)  # bits per group for codebook_entropy=grouped
-    entropy_chunk: int = Field(4096, ge=1)  # codes per streamed chunk for codebook_entropy=exact
     commitment: float = Field(0.0, ge=0)  # beta, paper weight of mse(u, sg(q)) (0 in released configs)
     entropy_weight: float = Field(0.1, ge=0)  # zeta, paper weight of the entropy term
 
@@ -54,7 +53,7 @@ class BSQConfig(QuantizerConfig):
         if self.codebook_entropy == "grouped" and self.code_dim % self.entropy_group_size:
             raise ValueError(f"entropy_group_size {self.entropy_group_size} does not divide code_dim {self.code_dim}")
         if self.codebook_entropy == "exact" and self.code_dim > 24:
-            raise ValueError(f"codebook_entropy=exact streams 2^{self.code_dim} codes; use 'grouped' above 24 bits")
+            raise ValueError(f"codebook_entropy=exact holds 2^{self.code_dim} probabilities; use 'grouped' above 24 bits")
         return self
 
 
@@ -79,7 +78,7 @@ class BSQ(Quantizer):
         a = u * (4 * cfg.inv_temperature * self.scale)  # per-bit logit of p(c | u)
         h_ps = sample_entropy(a)
         h_cb = (codebook_entropy_grouped(a, cfg.entropy_group_size) if cfg.codebook_entropy == "grouped"
-                else codebook_entropy_exact(a, cfg.entropy_chunk))
+                else codebook_entropy_exact(a))
         losses = {"commitment": F.mse_loss(u, q),
                   "entropy": cfg.sample_entropy_weight * h_ps - cfg.codebook_entropy_weight * h_cb}
         idx = bits_to_index(bits, cfg.bit_order)

@@ -8,20 +8,20 @@ H_cb = H(mean_tokens p(.|z)) over the LOCAL batch (as the source; no all-reduce)
 ``entropy = gamma0 H_ps - gamma H_cb`` (paper weight 0.1); ``commitment`` = mse(z, sg(q)) (0.25).
 
 Cost: p(.|z) factorises over bits (p(bit_i = 1) = sigmoid(4 z_i / T)), so H_ps is EXACT in
-O(N d) (sum of bit entropies). H_cb: ``exact`` streams over the 2^d codes in chunks (exact value,
-O(N d 2^d) time, O(N chunk) memory); ``grouped`` is the BSQ group-factorised estimate (sum over
+O(N d) (sum of bit entropies). H_cb: ``exact`` is the exact value without N x 2^d: split the bits
+in two halves, p = p_lo p_hi, so mean_tokens p = HI^T LO / N, one GEMM (O(N 2^d) time, O(N 2^(d/2)
++ 2^d) memory, fine up to 24 bits); ``grouped`` is the BSQ group-factorised estimate (sum over
 groups of ``entropy_group_size`` bits of each group's exact marginal entropy, O(N (d/g) 2^g), an
 upper bound of H_cb); ``none`` drops the H_cb term.
 
 GQ (WeTok): channels split into g groups of d' bits, group k = channels [k d', (k+1) d'); each is
-an LFQ with 2^d' codes (UniWeTok: 16 x 8 -> 2^128). Per-group entropies are exact over 2^d'.
+an LFQ with 2^d' codes (UniWeTok: 16 x 8 -> 2^128). Per-group entropies are exact over 2^d' (O(N g 2^d') by the same half-split GEMM).
 ``codebook_entropy: pooled`` (WeTok) treats every (token, group) as a sample of ONE shared 2^d'
 distribution: entropy = gamma0 mean H_ps - gamma H(mean over tokens and groups of p);
 ``summed`` adds g independent LFQ terms: sum_k (gamma0 H_ps_k - gamma H_cb_k).
 """
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
@@ -32,8 +32,8 @@ from torch import Tensor
 from core.hookspecs import hookimpl
 from core.interfaces import Quantizer, QuantizerConfig, QuantizerOutput
 from plugins.quantizers._common import (
-    bit_balance, bit_entropy, bits_to_index, code_counts, codebook_entropy_exact, codebook_entropy_grouped, entropy,
-    group_probs, index_to_bits, sample_entropy, straight_through, usage_metrics,
+    bit_balance, bit_entropy, bits_to_index, code_counts, code_distribution, codebook_entropy_exact,
+    codebook_entropy_grouped, entropy, index_to_bits, sample_entropy, straight_through, usage_metrics,
 )
 
 #: usage over the full implicit codebook is counted only up to this many bits (2^20 floats = 4 MB)
@@ -54,7 +54,6 @@ class LFQConfig(_BinaryConfig):
     code_dim: int = Field(18, ge=1, le=62)  # d bits = latent width; implicit codebook 2^d
     codebook_entropy: Literal["exact", "grouped", "none"] = "exact"  # see the module docstring
     entropy_group_size: int = Field(8, ge=1, le=16)  # bits per group for codebook_entropy=grouped
-    entropy_chunk: int = Field(4096, ge=1)  # codes per streamed chunk for codebook_entropy=exact
 
     @property
     def latent_dim(self) -> int:
@@ -63,7 +62,7 @@ class LFQConfig(_BinaryConfig):
     @model_validator(mode="after")
     def _check(self) -> "LFQConfig":
         if self.codebook_entropy == "exact" and self.code_dim > 24:
-            raise ValueError(f"codebook_entropy=exact streams 2^{self.code_dim} codes; use 'grouped' above 24 bits")
+            raise ValueError(f"codebook_entropy=exact holds 2^{self.code_dim} probabilities; use 'grouped' above 24 bits")
         if self.codebook_entropy == "grouped" and self.code_dim % self.entropy_group_size:
             raise ValueError(f"entropy_group_size {self.entropy_group_size} does not divide code_dim {self.code_dim}")
         return self
@@ -101,7 +100,7 @@ class LFQ(Quantizer):
     def codebook_entropy(self, a: Tensor) -> Tensor:
         cfg = self.cfg
         if cfg.codebook_entropy == "exact":
-            return codebook_entropy_exact(a, cfg.entropy_chunk)
+            return codebook_entropy_exact(a)
         if cfg.codebook_entropy == "grouped":
             return codebook_entropy_grouped(a, cfg.entropy_group_size)
         return a.new_zeros(())
@@ -142,10 +141,9 @@ class GQ(Quantizer):
     def entropies(self, a: Tensor) -> tuple[Tensor, Tensor]:
         """a ``(M, g, d')`` -> (H_ps, H_cb) combined over groups as ``codebook_entropy`` says."""
         h_ps = bit_entropy(a).sum(-1).mean(0)  # (g,) exact per group
-        probs = group_probs(a)  # (M, g, 2^d') exact per-group distributions
         if self.cfg.codebook_entropy == "pooled":
-            return h_ps.mean(), entropy(probs.mean(dim=(0, 1)))
-        return h_ps.sum(), entropy(probs.mean(0)).sum()
+            return h_ps.mean(), entropy(code_distribution(a, pool_groups=True))
+        return h_ps.sum(), entropy(code_distribution(a)).sum()  # (g, 2^d') exact per-group means
 
     def quantize(self, z: Tensor) -> QuantizerOutput:
         cfg = self.cfg
