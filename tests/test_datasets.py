@@ -187,3 +187,21 @@ def test_webdataset_splits_across_ranks(tmp_path, monkeypatch):
 def test_webdataset_missing_shard(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         WebDataset(WebDatasetConfig(shards=str(tmp_path / "x-{0..1}.tar")))
+
+
+def test_webdataset_labels_train_the_fd_reference_network(tmp_path):
+    """An iterable dataset feeds the fd reference CNN (its train split streamed, labels from .cls)."""
+    from plugins.evaluators.fd import Fd, FdConfig
+
+    _write_shards(tmp_path, 2, 4)
+    cfg = WebDatasetConfig(shards=str(tmp_path / "*.tar"), image_size=8, class_names=["zero", "one"])
+    ds = WebDataset(cfg, "eval")
+    assert ds.class_names == ["zero", "one"]
+
+    class Identity(torch.nn.Module):
+        def forward(self, x):
+            return {"recon": x}
+
+    fd_cfg = FdConfig(extractor="reference", cache_dir=str(tmp_path / "cache"), ref_width=8, ref_steps=5, ref_batch_size=3)
+    out = Fd(fd_cfg).evaluate(Identity(), torch.utils.data.DataLoader(ds, batch_size=4))
+    assert set(out) == {"fd_refnet"} and abs(out["fd_refnet"]) < 1e-6

@@ -44,6 +44,7 @@ class WebDatasetConfig(DatasetConfig):
     shuffle_buffer: int = Field(1000, ge=0)  # train split: samples held in the shuffle buffer (0: off)
     crop_scale: tuple[float, float] = (0.8, 1.0)  # RandomResizedCrop area range (train split)
     crop_ratio: float = Field(0.875, gt=0, le=1)  # eval: resize to size / ratio, then centre crop
+    class_names: list[str] = Field(default_factory=list)  # names of the ``.cls`` labels (enables zero-shot, fd_refnet)
 
     @property
     def provides_text(self) -> bool:
@@ -105,6 +106,7 @@ class WebDataset(Dataset, torch.utils.data.IterableDataset):
             raise ConfigError("data.shards" if split == "train" else "data.eval_shards",
                               f"shard {missing[0]} not found" if missing else "no shard matches")
         self.shards = shards
+        self.class_names = list(cfg.class_names)
         self.epoch = 0
         self.transform = image_transform(cfg.image_size, split == "train", cfg.crop_scale, cfg.crop_ratio)
 

@@ -122,8 +122,12 @@ def _train_batches(ds, batch_size: int, seed: int):
     iterable = isinstance(train, torch.utils.data.IterableDataset)
     g = torch.Generator().manual_seed(seed)
     while True:
-        loader = torch.utils.data.DataLoader(train, batch_size=batch_size, shuffle=not iterable, generator=None if iterable else g, drop_last=not iterable)
-        yield from loader
+        n = 0
+        for batch in torch.utils.data.DataLoader(train, batch_size=batch_size, shuffle=not iterable, generator=None if iterable else g):
+            n += 1
+            yield batch
+        if n == 0:
+            raise ConfigError("eval.fd", f"the train split of data '{ds.cfg.type}' is empty: the reference extractor cannot train")
 
 
 def train_refnet(ds, cfg: FdConfig) -> RefNet:
@@ -139,6 +143,8 @@ def train_refnet(ds, cfg: FdConfig) -> RefNet:
         batch = next(batches)
         labels = torch.as_tensor(batch["label"])
         keep = labels >= 0
+        if not keep.any():
+            continue
         loss = F.cross_entropy(net(batch["image"][keep]), labels[keep])
         opt.zero_grad(set_to_none=True)
         loss.backward()
