@@ -3,6 +3,7 @@ and the UniWeTok Table 2 setting (post-only, with and without SigLu) for a few s
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 import types
 
 import pytest
@@ -131,3 +132,18 @@ def test_table2_post_only_with_and_without_siglu_runs(vit_file, activation):
         opt.step()
     if activation == "siglu":
         assert out["latent"].abs().max() <= 1.0
+
+
+def test_clip_teacher_experiment_validates_and_is_continuous():
+    from core.config import load_experiment
+
+    exp = load_experiment(Path(__file__).resolve().parent.parent / "experiments" / "clip_teacher.yaml")
+    assert exp.model.quantizer.type == "identity" and [l.type for l in exp.losses] == ["contrastive"]
+    model = Tokenizer(exp.model, exp.data.image_size).eval()
+    x = images(2, exp.data.image_size)
+    with torch.no_grad():
+        out = model(x)
+        assert torch.equal(out["zq"], out["z"]) and out["quant"].indices.shape[-1] == 0
+        from plugins.losses.distill import _vtok_embed
+
+        assert torch.allclose(_vtok_embed(model, x), out["image_embed"], atol=1e-6)
