@@ -203,6 +203,24 @@ def test_fd_reference_zero_on_itself_monotone_in_noise_and_cached(tmp_path):
         assert Fd(cfg).evaluate(HandModel(noise=0.2), loader(n=128))["fd_refnet"] == pytest.approx(fds[2], rel=0.05)
 
 
+def test_fd_features_in_fp32_under_bf16_autocast_and_head_wrapper(tmp_path):
+    """The trainer evaluates under autocast and wraps iterable eval sets: the FD must not change."""
+
+    class Head(torch.utils.data.IterableDataset):  # like the trainer's head-of-stream wrapper
+        def __init__(self, ds):
+            self.ds = ds
+
+        def __iter__(self):
+            return (self.ds[i] for i in range(64))
+
+    cfg = _fd_cfg(tmp_path)
+    ref = Fd(cfg).evaluate(HandModel(noise=0.2), loader(n=64))["fd_refnet"]
+    head = torch.utils.data.DataLoader(Head(Toy(ToyConfig(n=64))), batch_size=64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = Fd(cfg).evaluate(HandModel(noise=0.2), head)["fd_refnet"]
+    assert got == pytest.approx(ref, rel=1e-4)
+
+
 def test_fd_auto_without_inception_is_never_rfid(tmp_path, monkeypatch):
     monkeypatch.delenv("VTOK_INCEPTION_WEIGHTS", raising=False)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))

@@ -4,13 +4,27 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from core.interfaces import Dataset
+
 
 def base_dataset(loader: torch.utils.data.DataLoader):
-    """The vtok Dataset behind ``loader`` (the trainer may wrap the eval split in a ``Subset``)."""
+    """The vtok Dataset behind ``loader``: the trainer wraps the eval split (a ``Subset`` for map-style
+    datasets, a head-of-stream wrapper with ``.ds`` or ``.dataset`` for iterable ones)."""
     ds = loader.dataset
-    while isinstance(ds, torch.utils.data.Subset):
-        ds = ds.dataset
-    return ds
+    for _ in range(10):
+        if isinstance(ds, Dataset):
+            return ds
+        inner = getattr(ds, "dataset", None)
+        inner = getattr(ds, "ds", None) if inner is None else inner
+        if inner is None:
+            break
+        ds = inner
+    raise TypeError(f"no vtok Dataset behind the eval loader (found {type(ds).__name__})")
+
+
+def no_autocast(device: torch.device):
+    """Feature extractors run in fp32 whatever autocast the trainer evaluates the tokenizer under."""
+    return torch.autocast(device_type=device.type, enabled=False)
 
 
 def device_of(model: nn.Module) -> torch.device:

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from core.errors import ConfigError
 from core.hookspecs import hookimpl
 from core.interfaces import ComponentConfig, Evaluator
-from plugins.evaluators._common import base_dataset, device_of
+from plugins.evaluators._common import base_dataset, device_of, no_autocast
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 REFNET_VERSION = 1  # bump when RefNet or its training changes: invalidates cached networks
@@ -161,7 +161,7 @@ def load_or_train_refnet(ds, cfg: FdConfig) -> RefNet:
         net = RefNet(cfg.ref_width, len(ds.class_names), cfg.ref_image_size)
         net.load_state_dict(load_file(str(path)))
         return net.eval()
-    with torch.enable_grad():  # evaluators run under no_grad; the reference net trains here, once
+    with torch.enable_grad(), no_autocast(torch.device("cpu")):  # evaluators run under no_grad (and maybe autocast)
         net = train_refnet(ds, cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -194,7 +194,8 @@ class Fd(Evaluator):
         for batch in loader:
             x = batch["image"].to(device)
             y = model(x)["recon"].float().clamp(-1, 1)
-            fx, fy = (feats(to_uint8(x)), feats(to_uint8(y))) if uint8 else (feats(x), feats(y))
+            with no_autocast(device):
+                fx, fy = (feats(to_uint8(x)), feats(to_uint8(y))) if uint8 else (feats(x.float()), feats(y))
             real.append(fx[0] if isinstance(fx, tuple) else fx)
             fake.append(fy[0] if isinstance(fy, tuple) else fy)
         return {name: frechet_distance(torch.cat(real), torch.cat(fake))}
