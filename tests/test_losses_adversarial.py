@@ -164,3 +164,25 @@ def test_dino_missing_weights_fail_at_validation(tmp_path):
     with pytest.raises(ConfigError) as e:
         tiny_exp(losses=[{"type": "adversarial", "discriminator": "dino", "dino_weights": str(missing)}])
     assert str(missing) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_bcr_hand_value():
+    loss = adv(bcr=4.0, bcr_policies=["cutout"])
+    loss.eval()  # BatchNorm in eval: D is a fixed function of its input
+    real, fake = images(2), images(2, seed=1)
+    torch.manual_seed(7)
+    d = loss.aux_loss({}, {"images": real, "recon": fake}, 0)
+    torch.manual_seed(7)
+    D = loss.discriminator
+    lr_, lf = D(real), D(fake)
+    ref = (D(diff_augment(real, ["cutout"])) - lr_).pow(2).mean() + (D(diff_augment(fake, ["cutout"])) - lf).pow(2).mean()
+    assert d["bcr"].item() == pytest.approx(ref.item(), rel=1e-5)
+    assert d["total"].item() == pytest.approx((hinge_d_loss(lr_, lf) + 4.0 * ref).item(), rel=1e-5)
+
+
+def test_adaptive_weight_reads_repeated_loss_labels():
+    model = tiny_model()
+    out = model(images(2))
+    rec = F.mse_loss(out["recon"], out["images"])
+    out["loss_terms"] = {"pixel1/l2": rec}  # the trainer's label when two pixel losses are configured
+    assert adv()({}, out, 0)["adaptive_weight"].item() != 1.0

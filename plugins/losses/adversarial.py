@@ -9,8 +9,8 @@
   ``start_step`` on.
 - Discriminators: ``patchgan`` (VQGAN's N-layer PatchGAN) or ``dino`` (UniTok: frozen DINOv2-S
   features from timm, weights read from a local file, with trainable per-level token heads).
-- Optional DiffAugment (Zhao et al. 2020; colour, translation, cutout) on both real and fake inputs
-  and LeCAM regularisation (Tseng et al. 2021) against EMAs of D's outputs.
+- Optional DiffAugment (Zhao et al. 2020; colour, translation, cutout) on both real and fake inputs,
+  LeCAM regularisation (Tseng et al. 2021) against EMAs of D's outputs, and bCR (UniTok: 4.0).
 
 Terms: ``generator`` (adaptive weight included), and diagnostics with weight 0:
 ``adaptive_weight``, ``logits_fake``.
@@ -47,6 +47,8 @@ class AdversarialConfig(LossConfig):
     diffaug: list[Aug] = Field(default_factory=list)  # DiffAugment policies, e.g. [color, translation]
     lecam: float = Field(0.0, ge=0)  # LeCAM regularisation weight (0: off)
     lecam_decay: float = Field(0.99, gt=0, lt=1)  # EMA decay of D's mean outputs for LeCAM
+    bcr: float = Field(0.0, ge=0)  # balanced consistency regularisation weight (UniTok: 4.0; 0: off)
+    bcr_policies: list[Aug] = Field(default_factory=lambda: ["translation", "cutout"])  # bCR's augmentations
     d_lr: float = Field(2e-5, gt=0)  # discriminator AdamW learning rate (UniTok)
     d_betas: tuple[float, float] = (0.5, 0.9)  # discriminator AdamW betas (UniTok)
     d_weight_decay: float = Field(0.0, ge=0)  # discriminator AdamW weight decay
@@ -201,8 +203,9 @@ class AdversarialLoss(Loss):
         return self.discriminator(diff_augment(x, self.cfg.diffaug)).float()
 
     def _rec_loss(self, outputs: dict[str, Any]) -> Optional[Tensor]:
+        # the trainer labels repeated loss types "pixel0", "pixel1": match on the type
         terms = [v for k, v in outputs.get("loss_terms", {}).items()
-                 if k.split("/", 1)[0] in self.cfg.adaptive_from and v.requires_grad]
+                 if k.split("/", 1)[0].rstrip("0123456789") in self.cfg.adaptive_from and v.requires_grad]
         return torch.stack([t.float() for t in terms]).sum() if terms else None
 
     def forward(self, batch: dict[str, Any], outputs: dict[str, Any], step: int) -> dict[str, Tensor]:
@@ -247,8 +250,17 @@ class AdversarialLoss(Loss):
         if self.cfg.lecam > 0:
             out["lecam"] = self._lecam(lr_, lf)
             total = total + self.cfg.lecam * out["lecam"]
+        if self.cfg.bcr > 0:
+            out["bcr"] = self._bcr(real, fake, lr_, lf)
+            total = total + self.cfg.bcr * out["bcr"]
         out["total"] = total
         return out
+
+    def _bcr(self, real: Tensor, fake: Tensor, logits_real: Tensor, logits_fake: Tensor) -> Tensor:
+        """bCR (Zhao et al. 2021): ``mean((D(T(x)) - D(x))^2) + mean((D(T(x_hat)) - D(x_hat))^2)``,
+        T = ``bcr_policies`` (applied on top of the DiffAug view D already saw)."""
+        aug = lambda x: self._d(diff_augment(x, self.cfg.bcr_policies))  # noqa: E731
+        return (aug(real) - logits_real).pow(2).mean() + (aug(fake) - logits_fake).pow(2).mean()
 
     def _lecam(self, logits_real: Tensor, logits_fake: Tensor) -> Tensor:
         """LeCAM (Tseng et al. 2021, eq. 3): ``mean(relu(D(x) - a_F)^2) + mean(relu(a_R - D(x_hat))^2)``."""
