@@ -10,6 +10,7 @@ import copy
 import hashlib
 import json
 import math
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
@@ -22,6 +23,21 @@ from core.plugins import SINGULAR, Registry, get_registry
 
 MAX_YAML_ALIASES = 100  # a YAML "billion laughs" document expands aliases exponentially
 MAX_YAML_BYTES = 4 * 1024 * 1024
+
+
+class Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``3e-4`` as a float (YAML 1.1 wants ``3.0e-4``; people write both)."""
+
+
+Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=Loader)  # noqa: S506 - Loader is a SafeLoader subclass
 
 
 class Strict(BaseModel):
@@ -95,10 +111,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 def parse_yaml(text: str, where: str) -> Any:
     try:
-        aliases = sum(isinstance(ev, yaml.AliasEvent) for ev in yaml.parse(text, Loader=yaml.SafeLoader))
+        aliases = sum(isinstance(ev, yaml.AliasEvent) for ev in yaml.parse(text, Loader=Loader))
         if aliases > MAX_YAML_ALIASES:
             raise ConfigError(where, f"{aliases} YAML aliases (at most {MAX_YAML_ALIASES}): refusing a possible alias bomb")
-        data = yaml.safe_load(text)
+        data = yaml_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         pos = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
@@ -119,7 +135,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not all(parts):
         raise ConfigError(key, "empty component in dotted key")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else None
+        parsed = yaml_load(value) if value.strip() else None
     except yaml.YAMLError:
         parsed = value  # a plain string the YAML parser trips on ("a: b:") is meant literally
     return parts, parsed

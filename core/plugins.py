@@ -88,7 +88,7 @@ def build_registry(registry_file: Path = REGISTRY_FILE, entry_points: bool = Tru
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
     reg = Registry()
-    dists: dict[str, str] = {}  # entry-point name -> distribution
+    dists: dict[str, str] = {}  # entry-point name -> "module (distribution)"
     disabled = _disabled()
     for name in disabled:
         pm.set_blocked(name)
@@ -115,7 +115,7 @@ def build_registry(registry_file: Path = REGISTRY_FILE, entry_points: bool = Tru
                 reg.failed[ep.name] = f"{type(e).__name__}: {e}"
                 _warn(f"plugin {ep.name} ({dist}) failed to load: {reg.failed[ep.name]}")
             else:
-                dists[ep.name] = dist
+                dists[ep.name] = f"{ep.value} ({dist})"
 
     pm.check_pending()  # a misspelled register_* hook fails loudly
     from core import interfaces
@@ -124,7 +124,7 @@ def build_registry(registry_file: Path = REGISTRY_FILE, entry_points: bool = Tru
         hook = getattr(pm.hook, f"register_{kind}")
         base = getattr(interfaces, _BASES[kind])
         for impl in hook.get_hookimpls():
-            provider = impl.plugin_name + (f" ({dists[impl.plugin_name]})" if impl.plugin_name in dists else "")
+            provider = dists.get(impl.plugin_name, impl.plugin_name)
 
             def register(name: str, cls: type, _kind=kind, _provider=provider, _base=base) -> None:
                 _add(reg, _kind, name, cls, _provider, _base)

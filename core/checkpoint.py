@@ -1,0 +1,220 @@
+"""Atomic, checksummed checkpoints: safetensors for tensors, JSON for the rest (no pickle).
+
+Layout: ``<run_dir>/checkpoints/step_00000100/{model,optim,rng}.safetensors + state.json``.
+A checkpoint is written into a temporary directory (each file fsynced), ``state.json`` last with the
+sha256 of every file, then renamed into place: a reader sees a whole checkpoint or none. On load
+the checksums are verified; a damaged checkpoint is skipped with a warning naming it and the
+previous good one is used.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from core.errors import ConfigError
+
+STATE = "state.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    # clone: safetensors refuses tensors that share storage (tied weights, views)
+    save_file({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}, str(path))
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+# ---- optimizer state <-> (tensors, json) ---------------------------------------------------------
+
+
+def flatten_optimizer(sd: dict[str, Any], prefix: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors: dict[str, torch.Tensor] = {}
+    plain: dict[str, Any] = {"param_groups": sd["param_groups"], "state": {}}
+    for pid, st in sd["state"].items():
+        plain["state"][str(pid)] = {}
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{prefix}.{pid}.{k}"] = v
+                plain["state"][str(pid)][k] = {"tensor": f"{prefix}.{pid}.{k}"}
+            else:
+                plain["state"][str(pid)][k] = v
+    return tensors, plain
+
+
+def unflatten_optimizer(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> dict[str, Any]:
+    state = {}
+    for pid, st in plain["state"].items():
+        state[int(pid)] = {k: tensors[v["tensor"]] if isinstance(v, dict) and "tensor" in v else v for k, v in st.items()}
+    return {"state": state, "param_groups": plain["param_groups"]}
+
+
+# ---- save / find / load ------------------------------------------------------------------------------
+
+
+def ckpt_root(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def save_checkpoint(run_dir: Path, step: int, model_sd: dict[str, torch.Tensor], optim_sds: dict[str, dict[str, Any]],
+                    extra: dict[str, Any], keep: int = 2) -> Path:
+    root = ckpt_root(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:08d}"
+    tmp = root / f".tmp_step_{step:08d}_{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    optim_tensors: dict[str, torch.Tensor] = {}
+    optim_plain: dict[str, Any] = {}
+    for name, sd in optim_sds.items():
+        t, p = flatten_optimizer(sd, name)
+        optim_tensors.update(t)
+        optim_plain[name] = p
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    _save_tensors(model_sd, tmp / "model.safetensors")
+    _save_tensors(optim_tensors, tmp / "optim.safetensors")
+    _save_tensors(rng, tmp / "rng.safetensors")
+    files = {f: _sha256(tmp / f) for f in ("model.safetensors", "optim.safetensors", "rng.safetensors")}
+    state = {"step": step, "files": files, "optimizers": optim_plain, "extra": extra}
+    with open(tmp / STATE, "w", encoding="utf-8") as f:
+        json.dump(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    root = ckpt_root(run_dir)
+    return sorted(p for p in root.glob("step_*") if p.is_dir()) if root.is_dir() else []
+
+
+def verify(ckpt: Path) -> str | None:
+    """None if the checkpoint is whole, else what is wrong with it."""
+    try:
+        state = json.loads((ckpt / STATE).read_text(encoding="utf-8"))
+        for name, digest in state["files"].items():
+            if not (ckpt / name).is_file():
+                return f"{name} missing"
+            if _sha256(ckpt / name) != digest:
+                return f"{name} checksum mismatch"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{STATE} unreadable ({type(e).__name__})"
+    return None
+
+
+def find_latest(run_dir: Path) -> Path | None:
+    """The newest checkpoint that verifies; damaged ones are reported and skipped."""
+    for ckpt in reversed(list_checkpoints(run_dir)):
+        problem = verify(ckpt)
+        if problem is None:
+            return ckpt
+        print(f"vtok: warning: checkpoint {ckpt} is damaged ({problem}); falling back to an older one", file=sys.stderr)
+    return None
+
+
+def load_checkpoint(ckpt: Path) -> dict[str, Any]:
+    problem = verify(ckpt)
+    if problem is not None:
+        raise ConfigError(str(ckpt), f"damaged checkpoint: {problem}")
+    state = json.loads((ckpt / STATE).read_text(encoding="utf-8"))
+    optim_tensors = load_file(str(ckpt / "optim.safetensors"))
+    return {
+        "step": state["step"],
+        "model": load_file(str(ckpt / "model.safetensors")),
+        "optimizers": {k: unflatten_optimizer(optim_tensors, v) for k, v in state["optimizers"].items()},
+        "rng": load_file(str(ckpt / "rng.safetensors")),
+        "extra": state["extra"],
+    }
+
+
+def restore_rng(rng: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(rng["torch"])
+    cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda"))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+# ---- inference loading -----------------------------------------------------------------------------
+
+
+def resolve_checkpoint(path_or_run_id: str) -> tuple[Path, Path]:
+    """A run directory, a checkpoint directory or an MLflow run id -> (run_dir, checkpoint)."""
+    p = Path(path_or_run_id)
+    if p.is_dir() and (p / STATE).is_file():
+        return p.parent.parent, p
+    if p.is_dir():
+        latest = find_latest(p)
+        if latest is None:
+            raise ConfigError(str(p), "no valid checkpoint in this run directory")
+        return p, latest
+    run_dir = _run_dir_from_mlflow(path_or_run_id)
+    latest = find_latest(run_dir)
+    if latest is None:
+        raise ConfigError(path_or_run_id, f"the run's directory {run_dir} holds no valid checkpoint")
+    return run_dir, latest
+
+
+def _run_dir_from_mlflow(run_id: str) -> Path:
+    import re
+
+    if not re.fullmatch(r"[0-9a-f]{32}", run_id):
+        raise ConfigError(run_id, "not a run directory, a checkpoint directory or an MLflow run id")
+    from mlflow.tracking import MlflowClient
+
+    from core.tracking import resolve_uri
+
+    try:
+        run = MlflowClient(tracking_uri=resolve_uri(None)).get_run(run_id)
+    except Exception as e:  # noqa: BLE001 - MLflow raises several types for "not found"
+        raise ConfigError(run_id, f"MLflow run not found ({type(e).__name__})") from None
+    run_dir = run.data.tags.get("vtok.run_dir")
+    if not run_dir:
+        raise ConfigError(run_id, "this MLflow run has no vtok.run_dir tag")
+    return Path(run_dir)
+
+
+def load_for_inference(path_or_run_id: str, device: str = "cpu") -> tuple[Any, Any]:
+    """(experiment config, Tokenizer in eval mode with the checkpoint's weights)."""
+    from core.config import parse_yaml, validate
+    from core.model import Tokenizer
+
+    run_dir, ckpt = resolve_checkpoint(path_or_run_id)
+    cfg_file = run_dir / "config.yaml"
+    if not cfg_file.is_file():
+        raise ConfigError(str(run_dir), "config.yaml missing from the run directory")
+    exp = validate(parse_yaml(cfg_file.read_text(encoding="utf-8"), str(cfg_file)))
+    model = Tokenizer(exp.model, exp.data.image_size)
+    sd = load_file(str(ckpt / "model.safetensors"))
+    model.load_state_dict({k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")})
+    return exp, model.to(device).eval()

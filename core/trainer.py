@@ -1,0 +1,482 @@
+"""The training loop: one readable ``train()``.
+
+AdamW with parameter groups (no weight decay on 1-D parameters and the logit scale), warm-up then
+cosine (or constant), gradient clipping, autocast precision, extra optimizers owned by loss
+plugins (a discriminator) alternating with the generator, buffered tracking, periodic evaluation,
+atomic checkpoints, deterministic resume, clean Ctrl-C. Distributed (torchrun) is handled by
+core.dist: each rank takes its slice of every global batch, only rank 0 writes and tracks.
+"""
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import yaml
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset, Sampler, Subset
+
+from core import dist
+from core.checkpoint import find_latest, load_checkpoint, restore_rng, save_checkpoint, verify
+from core.config import config_hash, flatten, to_dict
+from core.errors import ConfigError
+from core.interfaces import Loss
+from core.model import Tokenizer, parameter_counts
+from core.plugins import Registry, get_registry
+from core.tracking import Tracker, git_sha, make_tracker
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+@dataclass
+class Built:
+    """Everything a run needs, built before any file is written (bad input leaves nothing behind)."""
+
+    model: Tokenizer
+    losses: nn.ModuleList
+    labels: list[str]
+    evaluators: list[Any]
+    train_set: Any
+    eval_set: Any
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    metrics: dict[str, float]
+    status: str
+    run_id: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------------
+# building
+# ------------------------------------------------------------------------------------------------
+
+
+def _build(reg: Registry, kind: str, cfg: Any, path: str, **kw: Any) -> Any:
+    try:
+        return reg.get(kind, cfg.type)(cfg, **kw)
+    except ConfigError as e:
+        raise e.at(path) from None
+
+
+def build(exp: Any, reg: Registry | None = None) -> Built:
+    reg = reg or get_registry()
+    torch.manual_seed(exp.seed)
+    train_set = _build(reg, "datasets", exp.data, "data", split="train", seed=exp.seed)
+    eval_set = _build(reg, "datasets", exp.data, "data", split="eval", seed=exp.seed)
+    model = Tokenizer(exp.model, exp.data.image_size, reg)
+    losses, labels = [], []
+    for i, lcfg in enumerate(exp.losses):
+        losses.append(_build(reg, "losses", lcfg, f"losses.{i}", model=model))
+        dup = sum(c.type == lcfg.type for c in exp.losses) > 1
+        labels.append(f"{lcfg.type}{i}" if dup else lcfg.type)
+    order = sorted(range(len(losses)), key=lambda i: losses[i].order)
+    evaluators = [_build(reg, "evaluators", ecfg, f"eval.{i}") for i, ecfg in enumerate(exp.eval)]
+    return Built(model, nn.ModuleList([losses[i] for i in order]), [labels[i] for i in order], evaluators, train_set, eval_set)
+
+
+class TrainStep(nn.Module):
+    """Model forward + every loss term in one module, so DistributedDataParallel sees every
+    parameter the generator step uses (the text tower inside the contrastive loss, distillation
+    heads, the prior). Returns (total, outputs, logs): logs maps metric name -> detached tensor."""
+
+    def __init__(self, model: Tokenizer, losses: nn.ModuleList, labels: list[str]) -> None:
+        super().__init__()
+        self.model, self.losses, self.labels = model, losses, labels
+
+    def forward(self, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, Any], dict[str, torch.Tensor]]:
+        outputs = self.model(batch["image"])
+        outputs["loss_terms"] = {}
+        logs: dict[str, torch.Tensor] = {}
+        total = torch.zeros((), device=batch["image"].device)
+        for label, loss in zip(self.labels, self.losses):
+            w = loss.schedule(step)
+            if w == 0:
+                continue
+            tw = loss.term_weights()
+            for name, value in loss(batch, outputs, step).items():
+                weighted = (w * tw.get(name, 1.0)) * value.float()
+                outputs["loss_terms"][f"{label}/{name}"] = weighted
+                logs[f"loss/{label}/{name}"] = value.detach().float()
+                logs[f"loss_w/{label}/{name}"] = weighted.detach()
+                total = total + weighted
+        logs["loss/total"] = total.detach()
+        for k, v in outputs["quant"].metrics.items():
+            logs[f"quant/{k}"] = v.float()
+        return total, outputs, logs
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", dist.local_rank())
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def param_groups(modules: list[nn.Module], exclude: set[int], weight_decay: float) -> list[dict[str, Any]]:
+    decay, no_decay, seen = [], [], set(exclude)
+    for m in modules:
+        for name, p in m.named_parameters():
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            (no_decay if p.ndim < 2 or name.endswith("logit_scale") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_factor(step: int, cfg: Any) -> float:
+    warm = cfg.warmup * cfg.steps if cfg.warmup < 1 else cfg.warmup
+    if warm > 0 and step < warm:
+        return (step + 1) / warm
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warm) / max(1.0, cfg.steps - warm))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# ------------------------------------------------------------------------------------------------
+# data
+# ------------------------------------------------------------------------------------------------
+
+
+class StepBatchSampler(Sampler[list[int]]):
+    """Batches for steps ``start .. total-1``: a fresh seeded permutation per epoch, so the batch at
+    step s is a pure function of (seed, s) — resume needs no sampler state. Each rank takes
+    ``[rank::world]`` of every global batch."""
+
+    def __init__(self, n: int, batch: int, seed: int, start: int, total: int, rank: int = 0, world: int = 1) -> None:
+        self.n, self.batch, self.seed, self.start, self.total = n, batch, seed, start, total
+        self.rank, self.world = rank, world
+        self.per_epoch = n // batch
+
+    def __len__(self) -> int:
+        return self.total - self.start
+
+    def __iter__(self) -> Iterator[list[int]]:
+        step = self.start
+        while step < self.total:
+            epoch, k = divmod(step, self.per_epoch)
+            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+            for j in range(k, self.per_epoch):
+                if step >= self.total:
+                    return
+                yield perm[j * self.batch : (j + 1) * self.batch][self.rank :: self.world].tolist()
+                step += 1
+
+
+def _cycle(loader: DataLoader) -> Iterator[Any]:
+    while True:
+        yield from loader
+
+
+def train_loader(ds: Any, cfg: Any, seed: int, start: int) -> Iterator[Any]:
+    rank, world = dist.rank(), dist.world_size()
+    if cfg.batch_size % world:
+        raise ConfigError("train.batch_size", f"{cfg.batch_size} is not divisible by the world size {world}")
+    if isinstance(ds, IterableDataset):
+        loader = DataLoader(ds, batch_size=cfg.batch_size // world, num_workers=cfg.num_workers, drop_last=True)
+        it = _cycle(loader)
+        for _ in range(start):  # approximate resume for streams: skip the batches already seen
+            next(it)
+        return it
+    if len(ds) < cfg.batch_size:
+        raise ConfigError("train.batch_size", f"{cfg.batch_size} is larger than the training set ({len(ds)} items)")
+    sampler = StepBatchSampler(len(ds), cfg.batch_size, seed, start, cfg.steps, rank, world)
+    return iter(DataLoader(ds, batch_sampler=sampler, num_workers=cfg.num_workers, persistent_workers=False))
+
+
+class _Head(IterableDataset):
+    def __init__(self, ds: IterableDataset, n: int) -> None:
+        self.ds, self.n = ds, n
+
+    def __iter__(self):
+        for i, item in enumerate(self.ds):
+            if i >= self.n:
+                return
+            yield item
+
+
+def eval_loader(ds: Any, cfg: Any) -> DataLoader:
+    if isinstance(ds, IterableDataset):
+        return DataLoader(_Head(ds, cfg.eval_size), batch_size=cfg.eval_batch_size)
+    return DataLoader(Subset(ds, range(min(cfg.eval_size, len(ds)))), batch_size=cfg.eval_batch_size, shuffle=False)
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# evaluation
+# ------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(model: Tokenizer, evaluators: list[Any], loader: DataLoader, autocast: Any) -> dict[str, float]:
+    was_training = model.training
+    model.eval()
+    metrics: dict[str, float] = {}
+    try:
+        with autocast():
+            for ev in evaluators:
+                metrics.update(ev.evaluate(model, loader))
+    finally:
+        model.train(was_training)
+    return metrics
+
+
+@torch.no_grad()
+def save_recon_grid(model: Tokenizer, loader: DataLoader, path: Path, n: int = 8) -> Path:
+    from torchvision.utils import save_image
+
+    was_training = model.training
+    model.eval()
+    x = next(iter(loader))["image"][:n].to(next(model.parameters()).device)
+    y = model(x)["recon"].float().clamp(-1, 1)
+    model.train(was_training)
+    save_image(torch.cat([x, y]) * 0.5 + 0.5, str(path), nrow=x.shape[0])
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# run directory and interruption
+# ------------------------------------------------------------------------------------------------
+
+
+def run_dir_for(exp: Any) -> Path:
+    return Path(exp.train.out_dir) / f"{exp.name}-{config_hash(exp)}"
+
+
+def resolve_resume(exp: Any) -> tuple[Path, Path | None]:
+    """(run directory, checkpoint to resume from or None)."""
+    run_dir = run_dir_for(exp)
+    mode = exp.train.resume
+    if mode == "auto":
+        return run_dir, find_latest(run_dir)
+    if mode == "never":
+        if run_dir.exists():
+            run_dir = run_dir.with_name(f"{run_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        return run_dir, None
+    ckpt = Path(mode)
+    if not ckpt.is_dir():
+        raise ConfigError("train.resume", f"no checkpoint directory at {mode}")
+    problem = verify(ckpt)
+    if problem:
+        raise ConfigError("train.resume", f"checkpoint {mode} is damaged: {problem}")
+    return run_dir, ckpt
+
+
+class StopFlag:
+    """SIGINT/SIGTERM set a flag checked between steps; a second signal interrupts at once."""
+
+    def __init__(self) -> None:
+        self.stop = False
+        self.old: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopFlag":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.stop:
+            raise KeyboardInterrupt
+        self.stop = True
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self.old.items():
+            signal.signal(sig, handler)
+
+
+# ------------------------------------------------------------------------------------------------
+# train
+# ------------------------------------------------------------------------------------------------
+
+
+def train(exp: Any, reg: Registry | None = None, *, built: Built | None = None, parent_run_id: str | None = None,
+          tags: dict[str, str] | None = None, on_eval: Callable[[int, dict[str, float]], None] | None = None,
+          tracker: Tracker | None = None) -> RunResult:
+    """Train one experiment config end to end. ``on_eval(step, metrics)`` may raise to stop (pruning)."""
+    cfg = exp.train
+    built = built or build(exp, reg)
+    device = pick_device(cfg.device)
+    model, losses = built.model.to(device), built.losses.to(device)
+    run_dir, ckpt = resolve_resume(exp)
+    done = run_dir / "final_metrics.json"
+    if done.is_file() and ckpt is not None:
+        result = json.loads(done.read_text())
+        print(f"vtok: {run_dir} is already complete (train.resume=never starts over)", file=sys.stderr)
+        return RunResult(run_dir, result["metrics"], "FINISHED", result.get("run_id"))
+
+    aux = [(i, list(loss.aux_parameters())) for i, loss in enumerate(losses)]
+    aux_ids = {id(p) for _, ps in aux for p in ps}
+    opt = torch.optim.AdamW(param_groups([model, losses], aux_ids, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    aux_opts = {i: losses[i].aux_optimizer(ps) for i, ps in aux if ps}
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
+    step_module = dist.wrap_ddp(TrainStep(model, losses, built.labels), device)
+
+    start, run_id, skipped = 0, None, 0
+    if ckpt is not None:
+        state = load_checkpoint(ckpt)
+        model.load_state_dict({k[6:]: v for k, v in state["model"].items() if k.startswith("model.")})
+        losses.load_state_dict({k[7:]: v for k, v in state["model"].items() if k.startswith("losses.")})
+        opt.load_state_dict(state["optimizers"]["main"])
+        for i, o in aux_opts.items():
+            o.load_state_dict(state["optimizers"][f"aux{i}"])
+        sched.load_state_dict(state["extra"]["scheduler"])
+        restore_rng(state["rng"])
+        start, run_id, skipped = state["step"], state["extra"].get("run_id"), state["extra"].get("skipped", 0)
+
+    is_main = dist.rank() == 0
+    if tracker is None:
+        tracker = make_tracker(exp.tracking, exp.name, enabled=is_main)
+    resolved = to_dict(exp)
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    all_tags = {"vtok.config_hash": config_hash(exp), "vtok.experiment": exp.name, "vtok.run_dir": str(run_dir.resolve()),
+                **({"vtok.git_sha": sha} if (sha := git_sha()) else {}), **(tags or {})}
+    if exp.paper and exp.paper.get("source"):
+        all_tags["vtok.paper"] = str(exp.paper["source"])
+    run_id = tracker.start(run_dir.name, flatten(resolved), all_tags, run_id=run_id, parent_run_id=parent_run_id)
+    if is_main and run_id and ckpt is None:
+        tracker.log_artifact(run_dir / "config.yaml")
+        tracker.log_metrics({f"params/{k}": v for k, v in parameter_counts(model).items()}, 0)
+
+    dtype = DTYPES[cfg.precision]
+    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
+    scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" and device.type == "cuda" else None
+    ev_loader = eval_loader(built.eval_set, cfg)
+    data = train_loader(built.train_set, cfg, exp.seed, start)
+
+    def checkpoint(step: int) -> None:
+        if not is_main:
+            return
+        sd = {f"model.{k}": v for k, v in model.state_dict().items()}
+        sd.update({f"losses.{k}": v for k, v in losses.state_dict().items()})
+        optims = {"main": opt.state_dict(), **{f"aux{i}": o.state_dict() for i, o in aux_opts.items()}}
+        save_checkpoint(run_dir, step, sd, optims, {"scheduler": sched.state_dict(), "run_id": run_id, "skipped": skipped},
+                        keep=cfg.keep_checkpoints)
+
+    def run_eval(step: int) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        if is_main:
+            metrics = evaluate(model, built.evaluators, ev_loader, autocast)
+            tracker.log_metrics(metrics, step)
+            if run_id:
+                grid = save_recon_grid(model, ev_loader, run_dir / f"recon_{step:08d}.png")
+                tracker.flush()
+                tracker.log_artifact(grid, "reconstructions")
+            if on_eval is not None:
+                on_eval(step, metrics)
+        dist.barrier()
+        return metrics
+
+    model.train()
+    acc: dict[str, list[torch.Tensor]] = {}
+    bar = _progress(cfg, start, is_main)
+    t_log, n_log = time.perf_counter(), 0
+    metrics: dict[str, float] = {}
+    try:
+        with StopFlag() as flag:
+            for step in range(start, cfg.steps):
+                batch = to_device(next(data), device)
+                with autocast():
+                    total, outputs, logs = step_module(batch, step)
+                if not torch.isfinite(total).item():
+                    if cfg.on_nonfinite == "stop":
+                        raise NonFiniteLoss(f"non-finite loss at step {step}")
+                    skipped += 1
+                    opt.zero_grad(set_to_none=True)
+                    sched.step()
+                    tracker.log_metrics({"train/skipped_steps": skipped}, step)
+                    continue
+                opt.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.scale(total).backward()
+                    scaler.unscale_(opt)
+                else:
+                    total.backward()
+                if cfg.grad_clip:
+                    acc.setdefault("train/grad_norm", []).append(
+                        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip))
+                if scaler is not None:
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    opt.step()
+                sched.step()
+                for i, aopt in aux_opts.items():  # alternate: the adversary's step on detached outputs
+                    detached = {k: v.detach() if torch.is_tensor(v) else v for k, v in outputs.items()}
+                    with autocast():
+                        aout = losses[i].aux_loss(batch, detached, step)
+                    if aout is not None:
+                        aopt.zero_grad(set_to_none=True)
+                        aout["total"].backward()
+                        aopt.step()
+                        for k, v in aout.items():
+                            acc.setdefault(f"aux/{built.labels[i]}/{k}", []).append(v.detach().float())
+                for k, v in logs.items():
+                    acc.setdefault(k, []).append(v)
+                n_log += batch["image"].shape[0] * dist.world_size()
+                done_steps = step + 1
+                if done_steps % cfg.log_every == 0 or done_steps == cfg.steps:
+                    now = time.perf_counter()
+                    row = dict(zip(acc, torch.stack([torch.stack(v).mean() for v in acc.values()]).tolist()))
+                    row["train/lr"] = sched.get_last_lr()[0]
+                    row["train/images_per_s"] = n_log / max(now - t_log, 1e-9)
+                    tracker.log_metrics(row, done_steps)
+                    acc, t_log, n_log = {}, now, 0
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{row['loss/total']:.4f}", img_s=f"{row['train/images_per_s']:.0f}")
+                if bar is not None:
+                    bar.update(1)
+                if cfg.eval_every and done_steps % cfg.eval_every == 0 and done_steps < cfg.steps:
+                    metrics = run_eval(done_steps)
+                if cfg.ckpt_every and done_steps % cfg.ckpt_every == 0 and done_steps < cfg.steps:
+                    checkpoint(done_steps)
+                if dist.any_rank(flag.stop):
+                    checkpoint(done_steps)
+                    raise KeyboardInterrupt
+        checkpoint(cfg.steps)
+        metrics = run_eval(cfg.steps)
+        if skipped:
+            metrics["skipped_steps"] = float(skipped)
+        if is_main:
+            done.write_text(json.dumps({"metrics": metrics, "run_id": run_id}, indent=1))
+        tracker.end("FINISHED")
+        return RunResult(run_dir, metrics, "FINISHED", run_id)
+    except KeyboardInterrupt:
+        tracker.end("KILLED")
+        raise
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _progress(cfg: Any, start: int, is_main: bool) -> Any:
+    if not (cfg.progress and is_main):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=cfg.steps, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr)
