@@ -1,4 +1,4 @@
-"""Shared by image_folder and webdataset: PIL image -> (3, H, W) tensor in [-1, 1], UniTok-style crops.
+"""Shared by image_folder and webdataset: PIL image -> (3, H, W) tensor in [-1, 1], ImageNet-style crops.
 
 Train: RandomResizedCrop (scale range from the config) + horizontal flip; eval: resize the shorter
 side to ``size / crop_ratio`` then CentreCrop (the ImageNet evaluation convention, ratio 0.875).

@@ -3,8 +3,9 @@
 Class names come from the folder names (underscores as spaces), or from ``class_names_file``
 (lines ``folder<TAB>name``, e.g. WordNet ids to ImageNet names). Captions: a ``captions`` file of
 lines ``relative/path<TAB>caption`` (paths relative to the split dir); items without one get
-a class-name template. Crops as UniTok: random-resized-crop + flip for training, resize + centre
-crop for evaluation (plugins/datasets/_image.py).
+a class-name template. Crops as in ImageNet tokenizer training: random-resized-crop + flip for
+training, resize + centre crop for evaluation (plugins/datasets/_image.py); the papers do not
+state the crop scale range, so it is a config field.
 """
 from __future__ import annotations
 
