@@ -57,6 +57,11 @@ def test_unitok_vitamin_large(tmp_path):
     assert 300e6 < counts["decoder"] < 380e6  # the mirror of the encoder
     assert model.pre_projector.attn.heads == 16 and model.pre_projector.attn.average
     assert model.post_projector.attn.heads == 16 and not model.post_projector.attn.average
+    vit = model.encoder.trunk.model  # timm vitamin_large: no pos-embed, no class token, 31 blocks
+    assert vit.pos_embed is None and vit.cls_token is None and len(vit.blocks) == 31 and vit.embed_dim == 1024
+    with torch.device("meta"):
+        tokens, grid = model.encoder(torch.empty(1, 3, 256, 256))
+    assert grid == (16, 16) and tokens.shape == (1, 256, 1024)
     assert all(p.device.type == "meta" for p in model.parameters())
 
 
