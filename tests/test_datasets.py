@@ -128,6 +128,18 @@ def test_image_folder(tmp_path):
     assert "n001 cat" in ds[0]["text"]
     with pytest.raises(ConfigError, match="data.root"):
         ImageFolder(ImageFolderConfig(root=str(tmp_path)), "train")
+    with pytest.raises(ConfigError, match="1000 ImageNet class folders, found 2"):
+        ImageFolder(ImageFolderConfig(root=str(tmp_path), prompts="imagenet"), "eval")
+
+
+def test_image_folder_imagenet_prompts(tmp_path):
+    for i in range(1000):
+        (tmp_path / "val" / f"n{i:08d}").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "val" / "n00000001" / "a.png")
+    ds = ImageFolder(ImageFolderConfig(root=str(tmp_path), prompts="imagenet", image_size=8), "eval")
+    assert ds.class_names[:2] == ["tench", "goldfish"] and len(ds.templates) == 80
+    assert ds.templates[0].format("tench") == "a bad photo of a tench."
+    assert ds[0]["label"] == 1 and "goldfish" in ds[0]["text"]
 
 
 # ---- webdataset -----------------------------------------------------------------------------

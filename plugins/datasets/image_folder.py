@@ -33,6 +33,9 @@ class ImageFolderConfig(DatasetConfig):
     eval_dir: str = "val"  # split directory used for split="eval"
     class_names_file: Optional[str] = None  # lines "folder<TAB>class name"; default: folder names
     captions: Optional[str] = None  # lines "relative/path<TAB>caption"; default: class-name templates
+    # "imagenet": the 1000 sorted WordNet folders get open_clip's ImageNet class names and OpenAI's
+    # 80 zero-shot templates (how the papers' zero-shot ImageNet accuracy is measured)
+    prompts: Literal["folders", "imagenet"] = "folders"
     crop_scale: tuple[float, float] = (0.8, 1.0)  # RandomResizedCrop area range (train split)
     crop_ratio: float = Field(0.875, gt=0, le=1)  # eval: resize to size / ratio, then centre crop
 
@@ -52,6 +55,14 @@ def _read_tsv(path: str, where: str) -> dict[str, str]:
     return {k.strip(): v.strip() for k, v in rows}
 
 
+def imagenet_prompts(n_folders: int) -> tuple[list[str], list[str]]:
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
+
+    if n_folders != len(IMAGENET_CLASSNAMES):
+        raise ConfigError("data.prompts", f"'imagenet' needs the 1000 ImageNet class folders, found {n_folders}")
+    return list(IMAGENET_CLASSNAMES), [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
+
+
 class ImageFolder(Dataset):
     """Class-folder images (ImageNet layout); label = sorted folder index; optional captions."""
 
@@ -68,6 +79,8 @@ class ImageFolder(Dataset):
             raise ConfigError("data.root", f"{self.dir} has no class folders")
         names = _read_tsv(cfg.class_names_file, "data.class_names_file") if cfg.class_names_file else {}
         self.class_names = [names.get(f, f.replace("_", " ")) for f in folders]
+        if cfg.prompts == "imagenet":
+            self.class_names, self.templates = imagenet_prompts(len(folders))
         self.samples = [(p, label) for label, f in enumerate(folders)
                         for p in sorted((self.dir / f).rglob("*")) if p.suffix.lower() in EXTENSIONS]
         if not self.samples:
