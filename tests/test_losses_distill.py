@@ -147,3 +147,26 @@ def test_clip_teacher_experiment_validates_and_is_continuous():
         from plugins.losses.distill import _vtok_embed
 
         assert torch.allclose(_vtok_embed(model, x), out["image_embed"], atol=1e-6)
+
+
+def test_open_clip_teacher_reads_local_file(tmp_path):
+    import json
+
+    import open_clip
+
+    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
+           "text_cfg": {"context_length": 8, "vocab_size": 100, "width": 16, "heads": 1, "layers": 1}}
+    (tmp_path / "vtok-test-tiny.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path)  # a tiny architecture in open_clip's own config format
+    torch.manual_seed(0)
+    net = open_clip.create_model("vtok-test-tiny").eval()
+    torch.save(net.state_dict(), tmp_path / "w.pt")
+    loss = DistillLoss(DistillLoss.Config(teacher={"kind": "open_clip", "name": "vtok-test-tiny", "path": str(tmp_path / "w.pt")}),
+                       model=tiny_model())
+    x = images(2)
+    x32 = F.interpolate(x, size=(32, 32), mode="bicubic", align_corners=False)
+    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        ref = net.encode_image(((x32 + 1) / 2 - mean) / std)
+    assert loss.head_pre is not None and torch.allclose(loss.teacher_embed(x), ref, atol=1e-5)

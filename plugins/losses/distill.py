@@ -104,7 +104,7 @@ def build_teacher(cfg: TeacherConfig) -> Teacher:
     if cfg.kind == "open_clip":
         import open_clip
 
-        net = open_clip.create_model(cfg.name, pretrained=cfg.path)
+        net = open_clip.create_model(cfg.name, pretrained=cfg.path, require_pretrained=True)
         vis = net.visual
         img = vis.image_size[0] if isinstance(vis.image_size, (tuple, list)) else vis.image_size
         mean = getattr(vis, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
