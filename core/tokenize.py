@@ -54,6 +54,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="eval", choices=["train", "eval"], help="dataset split to encode (default: eval)")
     p.add_argument("--limit", type=int, default=None, help="encode at most this many images")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    p.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     p.add_argument("--seed", type=int, default=None, help="dataset seed (default: the run's seed)")
     return p
@@ -90,27 +91,30 @@ def data_config(run_data: Any, data_file: Optional[str], overrides: list[str]) -
         raise ConfigError(where, msg) from None
 
 
-def image_batches(dataset: Any, batch_size: int, limit: Optional[int]) -> Iterator[tuple[Tensor, Optional[Tensor]]]:
-    """(images, labels or None) batches, in dataset order, at most ``limit`` images."""
-    images: list[Tensor] = []
-    labels: list[int] = []
+def image_batches(dataset: Any, batch_size: int, limit: Optional[int],
+                  num_workers: int = 0) -> Iterator[tuple[Tensor, Optional[Tensor]]]:
+    """(images, labels or None) batches in dataset order, at most ``limit`` images."""
+    from torch.utils.data import DataLoader, IterableDataset, Subset
+
+    if not isinstance(dataset, IterableDataset):
+        dataset = Subset(dataset, range(min(limit or len(dataset), len(dataset))))
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=_collate)
     seen = 0
-    for item in dataset if isinstance(dataset, torch.utils.data.IterableDataset) else (dataset[i] for i in range(len(dataset))):
+    for images, labels in loader:
+        if limit is not None and seen + len(images) > limit:  # a stream: cut the last batch
+            keep = limit - seen
+            images, labels = images[:keep], (labels[:keep] if labels is not None else None)
+        if len(images):
+            yield images, labels
+        seen += len(images)
         if limit is not None and seen >= limit:
-            break
-        images.append(item["image"])
-        if "label" in item:
-            labels.append(int(item["label"]))
-        seen += 1
-        if len(images) == batch_size:
-            yield _stack(images, labels)
-            images, labels = [], []
-    if images:
-        yield _stack(images, labels)
+            return
 
 
-def _stack(images: list[Tensor], labels: list[int]) -> tuple[Tensor, Optional[Tensor]]:
-    return torch.stack(images), (torch.tensor(labels, dtype=torch.int64) if len(labels) == len(images) else None)
+def _collate(items: list[dict[str, Any]]) -> tuple[Tensor, Optional[Tensor]]:
+    images = torch.stack([it["image"] for it in items])
+    has_labels = all("label" in it for it in items)
+    return images, (torch.tensor([int(it["label"]) for it in items], dtype=torch.int64) if has_labels else None)
 
 
 # ---- encode / decode ----------------------------------------------------------------------------
@@ -118,11 +122,11 @@ def _stack(images: list[Tensor], labels: list[int]) -> tuple[Tensor, Optional[Te
 
 @torch.no_grad()
 def encode_dataset(model: Any, dataset: Any, batch_size: int = 64, limit: Optional[int] = None,
-                   device: str = "cpu") -> tuple[Tensor, Optional[Tensor]]:
+                   device: str = "cpu", num_workers: int = 0) -> tuple[Tensor, Optional[Tensor]]:
     """All images -> int64 indices ``(N, N_tokens, K)`` (and labels when every item has one)."""
     model.eval()
     chunks, label_chunks = [], []
-    for images, labels in image_batches(dataset, batch_size, limit):
+    for images, labels in image_batches(dataset, batch_size, limit, num_workers):
         chunks.append(model.encode(images.to(device)).cpu())
         label_chunks.append(labels)
     if not chunks:
@@ -215,7 +219,7 @@ def run_encode(args: argparse.Namespace, exp: Any, model: Any) -> None:
 
     seed = exp.seed if args.seed is None else args.seed
     dataset = get_registry().get("datasets", cfg.type)(cfg, split=args.split, seed=seed)
-    indices, labels = encode_dataset(model, dataset, args.batch_size, args.limit, args.device)
+    indices, labels = encode_dataset(model, dataset, args.batch_size, args.limit, args.device, args.num_workers)
     save_tokens(args.out, indices, token_metadata(model, args.run), labels)
     print(f"{args.out}: {indices.shape[0]} images -> indices {tuple(indices.shape)}, grid {model.grid[0]}x{model.grid[1]}")
 
@@ -235,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.batch_size <= 0:
             raise ConfigError("--batch-size", f"must be positive, got {args.batch_size}")
+        if args.num_workers < 0:
+            raise ConfigError("--num-workers", f"must be >= 0, got {args.num_workers}")
         if args.limit is not None and args.limit <= 0:
             raise ConfigError("--limit", f"must be positive, got {args.limit}")
         from core.checkpoint import load_for_inference

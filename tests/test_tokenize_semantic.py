@@ -205,3 +205,16 @@ def test_tokenize_from_a_trained_run(in_tmp):
     _, model = load_for_inference(str(run_dir))
     idx = load_file("tok.safetensors")["indices"]
     torch.testing.assert_close(load_file("img.safetensors")["images"], model.decode(idx).clamp(-1, 1))
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        for i in range(10):
+            yield {"image": torch.full((3, 2, 2), float(i)), "text": f"item {i}"}
+
+
+def test_image_batches_limit_on_streams_and_missing_labels():
+    batches = list(tokenize.image_batches(_Stream(), batch_size=4, limit=6))
+    assert [len(b[0]) for b in batches] == [4, 2] and all(b[1] is None for b in batches)
+    assert torch.equal(torch.cat([b[0] for b in batches])[:, 0, 0, 0], torch.arange(6.0))
+    assert sum(len(b[0]) for b in tokenize.image_batches(_Stream(), batch_size=4, limit=None)) == 10
