@@ -41,10 +41,9 @@ class HybridDecoder(Decoder):
         self.pos_embed = PositionalEmbedding(cfg.pos_embed, cfg.width, (image_size // downsample,) * 2)
         self.blocks = transformer_blocks(cfg)
         self.norm = nn.LayerNorm(cfg.width, eps=1e-6)
-        ch = cfg.conv_width * (mults[0] if mults else 1)
-        stages, ch = upsampling_stages(ch, cfg.conv_width, mults, cfg.num_res_blocks)
-        self.convs = nn.Sequential(nn.Conv2d(cfg.width, cfg.conv_width * (mults[0] if mults else 1), 1),
-                                   *stages, norm(ch), nn.SiLU())
+        deepest = cfg.conv_width * (mults[0] if mults else 1)
+        stages, ch = upsampling_stages(deepest, cfg.conv_width, mults, cfg.num_res_blocks)
+        self.convs = nn.Sequential(nn.Conv2d(cfg.width, deepest, 1), *stages, norm(ch), nn.SiLU())
         self.out = nn.Conv2d(ch, 3, 3, padding=1)
 
     def forward(self, tokens: Tensor, grid: tuple[int, int]) -> Tensor:
