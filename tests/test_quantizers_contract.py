@@ -23,6 +23,18 @@ SMALL = {
     "fsq": {"levels": [5, 4, 3]},
 }
 NAMES = get_registry().names("quantizers")
+# non-default options of the built-ins, run through the same contract
+VARIANTS = [
+    ("vq", {"codebook_update": "ema", "kmeans_init": True, "dead_code_threshold": 1.0, "distance": "euclidean"}),
+    ("mcq", {"kmeans_init": True, "dead_code_threshold": 0.5}),
+    ("rq", {"shared_codebook": True, "l2_normalize": "input", "kmeans_init": True}),
+    ("lfq", {"codebook_entropy": "grouped", "entropy_group_size": 4, "bit_order": "big"}),
+    ("lfq", {"codebook_entropy": "none"}),
+    ("gq", {"codebook_entropy": "summed"}),
+    ("bsq", {"codebook_entropy": "exact", "bit_order": "little"}),
+]
+CASES = [(n, {}) for n in NAMES] + [v for v in VARIANTS if v[0] in NAMES]
+IDS = [n + "".join(f"-{k}={v}" for k, v in o.items()) for n, o in CASES]
 
 
 def build(name: str, **over):
@@ -53,9 +65,9 @@ def test_shapes_and_declared_sizes(name):
         assert (out.indices >= 0).all() and (out.indices < sizes).all()
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_losses_and_metrics_are_scalar_tensors(name):
-    q = build(name)
+@pytest.mark.parametrize("name,over", CASES, ids=IDS)
+def test_losses_and_metrics_are_scalar_tensors(name, over):
+    q = build(name, **over)
     out = q(latent(q))
     for k, v in out.losses.items():
         assert torch.is_tensor(v) and v.ndim == 0 and v.dtype == torch.float32 and torch.isfinite(v), k
@@ -64,18 +76,18 @@ def test_losses_and_metrics_are_scalar_tensors(name):
     assert set(q.loss_weights()) <= set(out.losses)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_gradients_reach_the_input(name):
-    q = build(name)
+@pytest.mark.parametrize("name,over", CASES, ids=IDS)
+def test_gradients_reach_the_input(name, over):
+    q = build(name, **over)
     z = latent(q).requires_grad_(True)
     out = q(z)
     (out.quantized.pow(2).sum() + sum(out.losses.values(), torch.zeros(()))).backward()
     assert z.grad is not None and torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_round_trip_exact_in_eval(name):
-    q = build(name)
+@pytest.mark.parametrize("name,over", CASES, ids=IDS)
+def test_round_trip_exact_in_eval(name, over):
+    q = build(name, **over)
     if q.codes_per_token == 0:
         pytest.skip("continuous pass-through: no discrete path")
     q(latent(q, seed=1))  # one training step (k-means init / EMA) must not break the round trip

@@ -163,6 +163,8 @@ class MCQ(Quantizer):
         return QuantizerOutput(out, idx.t().reshape(*z.shape[:-1], cfg.n_codebooks), losses, usage_metrics(counts))
 
     def loss_weights(self) -> dict[str, float]:
+        if self.cfg.codebook_update == "ema":
+            return {"commitment": self.cfg.commitment}
         return {"commitment": self.cfg.commitment, "codebook": 1.0}
 
     def indices_to_codes(self, indices: Tensor) -> Tensor:
