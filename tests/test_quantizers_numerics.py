@@ -37,10 +37,15 @@ def brute_entropies(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.mark.parametrize("metric", ["dot", "euclidean"])
 def test_chunked_search_equals_brute_force(metric):
-    x, cb = randn(3, 50, 6, seed=1), randn(3, 37, 6, seed=2)
-    got = C.nearest_code(x, cb, metric, budget=3 * 37 * 7)  # 7 rows per chunk: many chunks
+    x, cb = randn(3, 50, 6, seed=1), randn(3, 1024, 6, seed=2)  # 1024 codes: blocked argmax path
+    got = C.nearest_code(x, cb, metric, budget=3 * 1024 * 7)  # 7 rows per chunk: many chunks
     ref = torch.cdist(x, cb).argmin(-1) if metric == "euclidean" else (x @ cb.transpose(1, 2)).argmax(-1)
     assert torch.equal(got, ref)
+
+
+def test_blocked_argmax_equals_argmax_with_ties():
+    for sim in (randn(3, 7, 1024, seed=14), torch.randint(0, 4, (3, 7, 1024), generator=torch.Generator().manual_seed(0)).float()):
+        assert torch.equal(C.argmax_last(sim), sim.argmax(-1))
 
 
 @pytest.mark.parametrize("distance", ["cosine", "euclidean"])

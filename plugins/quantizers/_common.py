@@ -32,6 +32,22 @@ def straight_through(z: Tensor, q: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
+def argmax_last(sim: Tensor, block: int = 32) -> Tensor:
+    """``sim.argmax(-1)``, same result (first maximum on ties), ~3x faster on CPU for long rows.
+
+    torch's CPU argmax is a scalar loop while ``amax`` is vectorised: take the first block of
+    ``block`` codes whose maximum is the row maximum (amax per block, argmax over K/block), then
+    the first maximum inside that block.
+    """
+    k = sim.shape[-1]
+    if k % block or k < 16 * block:
+        return sim.argmax(-1)
+    blocks = sim.unflatten(-1, (k // block, block))
+    best = blocks.amax(-1).argmax(-1)
+    inner = torch.gather(blocks, -2, best[..., None, None].expand(*best.shape, 1, block)).squeeze(-2).argmax(-1)
+    return best * block + inner
+
+
 @torch.no_grad()
 def nearest_code(x: Tensor, codebook: Tensor, metric: str, budget: int = SEARCH_BUDGET) -> Tensor:
     """Index of the nearest code for every row, per sub-codebook, without the full N x K matrix.
@@ -50,7 +66,7 @@ def nearest_code(x: Tensor, codebook: Tensor, metric: str, budget: int = SEARCH_
     for s in range(0, m, rows):
         xs = x[:, s : s + rows]
         sim = torch.baddbmm(bias, xs, cb_t) if bias is not None else torch.bmm(xs, cb_t)
-        out[:, s : s + rows] = sim.argmax(-1)
+        out[:, s : s + rows] = argmax_last(sim)
     return out
 
 
