@@ -5,14 +5,33 @@ one code path serves a laptop and ``torchrun``.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 
+_LOCAL_ONLY = False  # set by local_only(): collectives become no-ops (one rank evaluating alone)
+
+
 def is_distributed() -> bool:
-    """True when a process group with more than one rank is initialised (checked on every call)."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    """True when a process group with more than one rank is initialised (checked on every call)
+    and we are not inside :func:`local_only`."""
+    return not _LOCAL_ONLY and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@contextmanager
+def local_only() -> Iterator[None]:
+    """Within this block statistics stay local: rank 0 evaluates on its own while the others wait
+    at a barrier, so a quantizer's all-reduce must not be issued."""
+    global _LOCAL_ONLY
+    old, _LOCAL_ONLY = _LOCAL_ONLY, True
+    try:
+        yield
+    finally:
+        _LOCAL_ONLY = old
 
 
 def world_size() -> int:
@@ -47,7 +66,7 @@ def broadcast_(t: Tensor, src: int = 0) -> Tensor:
 
 
 def rank() -> int:
-    return dist.get_rank() if is_distributed() else 0
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def local_rank() -> int:
@@ -77,6 +96,23 @@ def teardown() -> None:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+def all_reduce_grads_(params: list[torch.nn.Parameter]) -> None:
+    """Average gradients over ranks (for modules trained outside DistributedDataParallel, such as
+    a discriminator stepped on detached outputs)."""
+    if not is_distributed():
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= dist.get_world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
 
 
 def any_rank(flag: bool) -> bool:

@@ -14,7 +14,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -57,7 +57,7 @@ class RunResult:
     metrics: dict[str, float]
     status: str
     run_id: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    model: Tokenizer | None = None  # the trained model (None when the run was already complete)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -179,8 +179,12 @@ class StepBatchSampler(Sampler[list[int]]):
 
 
 def _cycle(loader: DataLoader) -> Iterator[Any]:
+    epoch = 0
     while True:
+        if hasattr(loader.dataset, "set_epoch"):  # streams reshuffle per epoch
+            loader.dataset.set_epoch(epoch)
         yield from loader
+        epoch += 1
 
 
 def train_loader(ds: Any, cfg: Any, seed: int, start: int) -> Iterator[Any]:
@@ -200,11 +204,13 @@ def train_loader(ds: Any, cfg: Any, seed: int, start: int) -> Iterator[Any]:
 
 
 class _Head(IterableDataset):
+    """The first ``n`` items of a stream (the eval split of an iterable dataset)."""
+
     def __init__(self, ds: IterableDataset, n: int) -> None:
-        self.ds, self.n = ds, n
+        self.dataset, self.n = ds, n
 
     def __iter__(self):
-        for i, item in enumerate(self.ds):
+        for i, item in enumerate(self.dataset):
             if i >= self.n:
                 return
             yield item
@@ -378,10 +384,12 @@ def train(exp: Any, reg: Registry | None = None, *, built: Built | None = None, 
     def run_eval(step: int) -> dict[str, float]:
         metrics: dict[str, float] = {}
         if is_main:
-            metrics = evaluate(model, built.evaluators, ev_loader, autocast)
+            with dist.local_only():
+                metrics = evaluate(model, built.evaluators, ev_loader, autocast)
             tracker.log_metrics(metrics, step)
             if run_id:
-                grid = save_recon_grid(model, ev_loader, run_dir / f"recon_{step:08d}.png")
+                with dist.local_only():
+                    grid = save_recon_grid(model, ev_loader, run_dir / f"recon_{step:08d}.png")
                 tracker.flush()
                 tracker.log_artifact(grid, "reconstructions")
             if on_eval is not None:
@@ -430,6 +438,7 @@ def train(exp: Any, reg: Registry | None = None, *, built: Built | None = None, 
                     if aout is not None:
                         aopt.zero_grad(set_to_none=True)
                         aout["total"].backward()
+                        dist.all_reduce_grads_([p for g in aopt.param_groups for p in g["params"]])
                         aopt.step()
                         for k, v in aout.items():
                             acc.setdefault(f"aux/{built.labels[i]}/{k}", []).append(v.detach().float())
@@ -462,7 +471,7 @@ def train(exp: Any, reg: Registry | None = None, *, built: Built | None = None, 
         if is_main:
             done.write_text(json.dumps({"metrics": metrics, "run_id": run_id}, indent=1))
         tracker.end("FINISHED")
-        return RunResult(run_dir, metrics, "FINISHED", run_id)
+        return RunResult(run_dir, metrics, "FINISHED", run_id, model)
     except KeyboardInterrupt:
         tracker.end("KILLED")
         raise

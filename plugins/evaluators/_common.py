@@ -9,13 +9,12 @@ from core.interfaces import Dataset
 
 def base_dataset(loader: torch.utils.data.DataLoader):
     """The vtok Dataset behind ``loader``: the trainer wraps the eval split (a ``Subset`` for map-style
-    datasets, a head-of-stream wrapper with ``.ds`` or ``.dataset`` for iterable ones)."""
+    datasets, a head-of-stream wrapper with ``.dataset`` for iterable ones)."""
     ds = loader.dataset
     for _ in range(10):
         if isinstance(ds, Dataset):
             return ds
         inner = getattr(ds, "dataset", None)
-        inner = getattr(ds, "ds", None) if inner is None else inner
         if inner is None:
             break
         ds = inner
