@@ -117,7 +117,7 @@ class SweepConfig(Strict):
     objective: Objective  # what the study optimises (and the report calls best)
     n_trials: Optional[int] = Field(None, gt=0)  # tpe: trials in total over all workers and re-runs
     workers: int = Field(1, gt=0)  # cells run in parallel on this machine (processes)
-    threads_per_worker: Optional[int] = Field(None, gt=0)  # torch threads per worker (default: cores / workers)
+    threads_per_worker: Optional[int] = Field(None, gt=0)  # torch threads per worker (default: cores / workers; workers 1: unchanged)
     storage: Optional[str] = None  # Optuna storage: a journal file path or a database URL
     study_name: Optional[str] = None  # default: the experiment name
     pruning: Optional[Pruning] = None  # tpe only: stop bad trials early
@@ -282,10 +282,11 @@ def _reroot(e: ConfigError, sw: SweepConfig, choices: dict[str, Any]) -> ConfigE
                 if path == sub or path.startswith(f"{sub}."):
                     return ConfigError(f"sweep.space.{VARIANT}.{choice}.{path}", e.message)
             continue
-        if path == key or path.startswith(f"{key}."):
-            rest = path[len(key):]
+        if path == key:  # the key itself, or the chosen value as a whole
+            return ConfigError(f"sweep.space.{key}", f"{e.message} (choice {_name(choice)})")
+        if path.startswith(f"{key}."):
             mid = f".{choice}" if isinstance(p, Choices) else ""
-            return ConfigError(f"sweep.space.{key}{mid}{rest}", e.message)
+            return ConfigError(f"sweep.space.{key}{mid}{path[len(key):]}", e.message)
     return ConfigError(path, f"{e.message} (in sweep cell {cell_label(choices)})")
 
 
@@ -383,22 +384,42 @@ def _is_zombie(pid: int) -> bool:
         return False
 
 
-def fail_stale(study: Any) -> None:
+def fail_stale(study: Any, tracking: Any = None) -> None:
     """Trials left RUNNING by a killed worker of this machine (or, on RDB storage, whose heartbeat
-    stopped) become FAIL, so the planner enqueues them again."""
+    stopped) become FAIL, so the planner enqueues them again; their MLflow runs become KILLED."""
+    from optuna.storages import fail_stale_trials
     from optuna.trial import TrialState
 
-    from optuna.storages import fail_stale_trials
-
-    if hasattr(study._storage, "fail_stale_trials") or hasattr(study._storage, "get_heartbeat_interval"):
+    before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    if hasattr(study._storage, "get_heartbeat_interval"):
         try:
             fail_stale_trials(study)
-        except Exception:  # storages without heartbeats
+        except Exception:  # noqa: BLE001 - a storage without heartbeats
             pass
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if _owner_dead(t.user_attrs.get(ATTR_OWNER)):
+    stale = []
+    for t in study.get_trials(deepcopy=False):
+        if t.number in before and t.state == TrialState.FAIL:
+            stale.append(t)
+        elif t.state == TrialState.RUNNING and _owner_dead(t.user_attrs.get(ATTR_OWNER)):
             study._storage.set_trial_user_attr(t._trial_id, ATTR_ERROR, "worker process died (killed?)")
             study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            stale.append(t)
+    if tracking is not None and tracking.enabled:
+        _kill_runs([t.user_attrs.get(ATTR_RUN) for t in stale], tracking)
+
+
+def _kill_runs(run_ids: list[str | None], tracking: Any) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from core.tracking import resolve_uri
+
+    client = MlflowClient(tracking_uri=resolve_uri(tracking.uri))
+    for rid in filter(None, run_ids):
+        try:
+            if client.get_run(rid).info.status == "RUNNING":
+                client.set_terminated(rid, "KILLED")
+        except Exception as e:  # noqa: BLE001 - a run deleted by hand, another store
+            print(f"vtok sweep: could not close MLflow run {rid}: {e}", file=sys.stderr)
 
 
 def enqueue_missing(study: Any, cells: list[Cell]) -> int:
@@ -522,12 +543,18 @@ class CellTracker:
     """Wraps the trainer's MLflow tracker: run name ``<cell>-seed<k>`` and the cell's choices as
     params (``sweep.<key>``) and tags, so the MLflow compare view lines cells up."""
 
-    def __new__(cls, exp: Any, extra_params: dict[str, Any], run_name: str) -> Any:
+    def __new__(cls, exp: Any, extra_params: dict[str, Any], run_name: str, trial: Any = None) -> Any:
         from core.tracking import MlflowTracker
 
         class _Tracker(MlflowTracker):
             def start(self, _run_name, params, tags, run_id=None, parent_run_id=None):
-                return super().start(run_name, {**params, **extra_params}, tags, run_id=run_id, parent_run_id=parent_run_id)
+                # the paper's figures and the sweep's space are not the run's config (and their free-form
+                # keys need not be valid MLflow param names): they live on the parent run
+                own = {k: v for k, v in params.items() if not k.startswith(("paper.", "sweep."))}
+                rid = super().start(run_name, {**own, **extra_params}, tags, run_id=run_id, parent_run_id=parent_run_id)
+                if trial is not None:  # so a re-run can close the MLflow run of a worker that was killed
+                    trial.set_user_attr(ATTR_RUN, rid)
+                return rid
 
         return _Tracker(exp.tracking.uri, exp.tracking.experiment or exp.name, exp.tracking.flush_every)
 
@@ -542,7 +569,7 @@ def run_cell(exp: Any, cell_choices: dict[str, Any], seed: int, trial: Any, pare
     tags = {"vtok.sweep": "child", "vtok.cell": label, "vtok.seed": str(seed), "vtok.trial": str(trial.number),
             "vtok.study": trial.study.study_name, **{f"sweep.{k}": _name(v) for k, v in cell_choices.items()}}
     params = {f"sweep.{k}": _name(v) for k, v in cell_choices.items()}
-    tracker = CellTracker(exp, params, f"{label}-seed{seed}") if exp.tracking.enabled else Tracker()
+    tracker = CellTracker(exp, params, f"{label}-seed{seed}", trial) if exp.tracking.enabled else Tracker()
 
     on_eval = None
     if report_to_trial:
@@ -560,8 +587,6 @@ def run_cell(exp: Any, cell_choices: dict[str, Any], seed: int, trial: Any, pare
     except BaseException as e:
         _record_failure(exp, tracker, tags, params, parent_id, f"{label}-seed{seed}", e)
         raise
-    if result.run_id:
-        trial.set_user_attr(ATTR_RUN, result.run_id)
     return result.metrics
 
 
@@ -582,6 +607,8 @@ def _record_failure(exp: Any, tracker: Any, tags: dict[str, str], params: dict[s
             tracker.end("FAILED")
         else:
             tracker.set_tags({"vtok.error": err})
+            if tracker.client.get_run(tracker.run_id).info.status == "RUNNING":  # failed inside start()
+                tracker.client.set_terminated(tracker.run_id, "FAILED")
     except Exception as track_err:  # tracking trouble must not hide the cell's own error
         print(f"vtok sweep: could not record the failure in MLflow: {track_err}", file=sys.stderr)
 
@@ -725,13 +752,13 @@ def main(path: str, raw: dict[str, Any], exp: Any, dry_run: bool = False) -> int
         return 0
     study = open_study(exp, sw)
     if sw.sampler == "grid":
-        fail_stale(study)
+        fail_stale(study, exp.tracking)
         added = enqueue_missing(study, cells)
         total = len(cells)
         print(f"vtok sweep: study '{study.study_name}' ({_display_storage(sw.storage_url())}): "
               f"{total - added} of {total} runs done or under way, {added} to run", file=sys.stderr)
     else:
-        fail_stale(study)
+        fail_stale(study, exp.tracking)
         total = sw.n_trials * len(sw.seeds)
     parent_run(exp, sw, study, total)
     t0 = time.perf_counter()
@@ -744,9 +771,17 @@ def main(path: str, raw: dict[str, Any], exp: Any, dry_run: bool = False) -> int
 
 def run_workers(raw: dict[str, Any], sw: SweepConfig) -> int:
     target = grid_worker if sw.sampler == "grid" else tpe_worker
+    if sw.workers == 1:  # in this process: torch's thread count is the caller's unless set here
+        import torch
+
+        before = torch.get_num_threads()
+        try:
+            return target(raw, sw.threads_per_worker)
+        finally:
+            torch.set_num_threads(before)
+    # small models on a busy CPU lose badly to oversubscription (measured 6x slower per step with
+    # 2 threads on 2 loaded cores): split the cores between the workers
     threads = sw.threads_per_worker or max(1, (os.cpu_count() or 1) // sw.workers)
-    if sw.workers == 1:
-        return target(raw, threads)
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")  # fresh interpreters: no forked torch thread pools

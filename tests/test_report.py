@@ -1,0 +1,85 @@
+"""core.report: pooled-std margins and claim verdicts on synthetic metric values."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from core.errors import ConfigError
+from core.report import (FAILS, HOLDS, INCONCLUSIVE, Claim, check_paper, judge, margin, parse_paper, pooled_std,
+                         render)
+
+
+def paper(claims, **kw):
+    return parse_paper({"source": "test", "claims": claims, **kw})
+
+
+def test_pooled_std_by_hand():
+    # a: mean 2, sample var 1; b: mean 5, sample var 4 -> pooled var (2*1 + 2*4) / 4 = 2.5
+    a, b = [1.0, 2.0, 3.0], [3.0, 5.0, 7.0]
+    assert pooled_std(a, b) == pytest.approx(math.sqrt(2.5))
+    assert margin(b, a, higher_better=True) == pytest.approx(3 / math.sqrt(2.5))
+    assert margin(b, a, higher_better=False) == pytest.approx(-3 / math.sqrt(2.5))
+    assert math.isnan(pooled_std([1.0], a))
+
+
+def test_better_claim_holds_fails_inconclusive():
+    values = {"good": {"acc": [80.0, 81.0, 82.0]}, "bad": {"acc": [70.0, 71.0, 72.0]},
+              "same": {"acc": [80.5, 81.5, 80.0]}, "one": {"acc": [90.0]}}
+    p = paper([])
+    assert judge(Claim(better="good", than="bad", metric="acc"), values, p)[0] == HOLDS
+    verdict, m, _ = judge(Claim(better="bad", than="good", metric="acc"), values, p)
+    assert verdict == FAILS and m == pytest.approx(-10.0)  # diff 10, pooled std 1
+    assert judge(Claim(better="good", than="same", metric="acc"), values, p)[0] == INCONCLUSIVE
+    assert judge(Claim(better="one", than="bad", metric="acc"), values, p)[0] == INCONCLUSIVE  # one seed: no spread
+    assert judge(Claim(better="good", than="missing", metric="acc"), values, p)[0] == INCONCLUSIVE
+
+
+def test_direction_lower_is_better_for_fd():
+    values = {"a": {"fd_refnet": [1.0, 1.2, 1.1]}, "b": {"fd_refnet": [3.0, 3.2, 3.1]}}
+    p = paper([])
+    assert judge(Claim(better="a", than="b", metric="fd_refnet"), values, p)[0] == HOLDS
+    assert judge(Claim(better="a", than="b", metric="fd_refnet", direction="higher"), values, p)[0] == FAILS
+    assert judge(Claim(better="b", than="a", metric="fd_refnet"), values, paper([], metrics={"fd_refnet": "higher"}))[0] == HOLDS
+
+
+def test_order_claim_needs_every_step():
+    values = {"1": {"m": [1.0, 1.1, 0.9]}, "2": {"m": [2.0, 2.1, 1.9]}, "4": {"m": [3.0, 3.1, 2.9]},
+              "8": {"m": [3.0, 3.2, 2.8]}}
+    p = paper([])
+    assert judge(Claim(order=["1", "2", "4"], metric="m"), values, p)[0] == HOLDS
+    verdict, m, detail = judge(Claim(order=["1", "2", "4", "8"], metric="m"), values, p)
+    assert verdict == INCONCLUSIVE and m == pytest.approx(0.0) and "8>4" in detail
+    assert judge(Claim(order=["4", "2", "1"], metric="m"), values, p)[0] == FAILS
+
+
+def test_matches_claim_tolerance():
+    values = {"both": {"m": [50.0, 51.0, 52.0]}, "ctr": {"m": [51.0, 52.0, 53.0]}, "low": {"m": [40.0, 41.0, 42.0]}}
+    p = paper([])
+    verdict, m, _ = judge(Claim(matches="both", with_="ctr", metric="m", within=1.0), values, p)
+    assert verdict == HOLDS and m == pytest.approx(-1.0)
+    assert judge(Claim(matches="both", with_="ctr", metric="m", within=0.5), values, p)[0] == FAILS
+    assert judge(Claim.model_validate({"matches": "low", "with": "ctr", "metric": "m"}), values, p)[0] == FAILS
+
+
+def test_claim_shape_errors_name_the_path():
+    with pytest.raises(ConfigError, match=r"paper\.claims\.0: a claim is exactly one of"):
+        parse_paper({"claims": [{"better": "a", "order": ["a", "b"], "metric": "m"}]})
+    with pytest.raises(ConfigError, match=r"paper\.claims\.0\.metric: field required"):
+        parse_paper({"claims": [{"better": "a", "than": "b"}]})
+    with pytest.raises(ConfigError, match=r"paper\.claims\.0: no cell 'x'"):
+        check_paper(paper([{"better": "x", "than": "a", "metric": "m"}]), ["a", "b"])
+    with pytest.raises(ConfigError, match=r"paper\.figurs: unknown key"):
+        parse_paper({"figurs": {}})
+
+
+def test_render_puts_paper_figures_beside_ours_and_verdicts():
+    p = paper([{"text": "a beats b", "better": "a", "than": "b", "metric": "acc"}],
+              metrics={"acc": "higher"}, figures={"a": {"zero-shot": 46.1}, "b": {"zero-shot": 41.0}})
+    values = {"a": {"acc": [80.0, 82.0]}, "b": {"acc": [70.0, 72.0]}}
+    md, verdicts = render("t", p, values, ["b", "a"], [], {"wall_s": 120.0, "busy_s": 240.0, "runs": 4})
+    rows = [line for line in md.splitlines() if line.startswith("| b |") or line.startswith("| a |")]
+    assert rows == ["| b | 2 | 71.00 ± 1.41 | 41.0 |", "| a | 2 | 81.00 ± 1.41 | 46.1 |"]
+    assert "| a beats b | acc | **holds** | +7.1 |" in md
+    assert "wall time 2.0 min" in md
+    assert verdicts[0][1] == HOLDS
