@@ -21,7 +21,7 @@ from core.errors import ConfigError
 from core.interfaces import ComponentConfig
 from core.plugins import SINGULAR, Registry, get_registry
 
-MAX_YAML_ALIASES = 100  # a YAML "billion laughs" document expands aliases exponentially
+MAX_YAML_NODES = 200_000  # a YAML "billion laughs" document expands aliases exponentially
 MAX_YAML_BYTES = 4 * 1024 * 1024
 
 
@@ -111,20 +111,37 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 def parse_yaml(text: str, where: str) -> Any:
     try:
-        aliases = sum(isinstance(ev, yaml.AliasEvent) for ev in yaml.parse(text, Loader=Loader))
-        if aliases > MAX_YAML_ALIASES:
-            raise ConfigError(where, f"{aliases} YAML aliases (at most {MAX_YAML_ALIASES}): refusing a possible alias bomb")
         data = yaml_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         pos = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(where, f"invalid YAML{pos}: {problem}") from None
+    if _expanded_size(data, {}) > MAX_YAML_NODES:
+        raise ConfigError(where, f"YAML expands to more than {MAX_YAML_NODES} values through aliases: refusing a possible alias bomb")
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(where, f"expected a mapping at the top level, got {type(data).__name__}")
     return data
+
+
+def _expanded_size(node: Any, memo: dict[int, int]) -> int:
+    """Number of values ``node`` stands for once every alias is expanded; shared (aliased)
+    subtrees are counted from a memo, so this is linear in the document's text."""
+    if not isinstance(node, (dict, list)):
+        return 1
+    if id(node) in memo:
+        return memo[id(node)]
+    memo[id(node)] = MAX_YAML_NODES + 1  # a self-referencing alias counts as infinite
+    items = list(node.values()) if isinstance(node, dict) else node
+    total = 1
+    for child in items:
+        total += _expanded_size(child, memo)
+        if total > MAX_YAML_NODES:
+            break
+    memo[id(node)] = total
+    return total
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

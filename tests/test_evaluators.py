@@ -275,3 +275,12 @@ def test_fd_inception_with_self_made_weights(tmp_path):
     same = Fd(cfg).evaluate(HandModel(noise=0.0), loader(n=4, batch_size=4))
     noisy = Fd(cfg).evaluate(HandModel(noise=0.5), loader(n=4, batch_size=4))
     assert set(same) == {"rfid"} and noisy["rfid"] > 0 and abs(same["rfid"]) < 1e-3 * noisy["rfid"]
+
+
+def test_mean_image_baseline_psnr_hand_value():
+    from plugins.evaluators.psnr_ssim import mean_image_psnr
+
+    # two images, all-black and all-white in [0, 1]: the mean image is 0.5 grey, MSE 0.25 -> 10 log10(4) dB
+    images = torch.stack([torch.full((3, 4, 4), -1.0), torch.full((3, 4, 4), 1.0)])
+    loader = [{"image": images[:1]}, {"image": images[1:]}]
+    assert mean_image_psnr(loader) == pytest.approx(10 * math.log10(4.0))

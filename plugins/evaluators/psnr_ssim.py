@@ -13,6 +13,9 @@ from core.interfaces import ComponentConfig, Evaluator
 
 class PsnrSsimConfig(ComponentConfig):
     type: Literal["psnr_ssim"] = "psnr_ssim"
+    # also report psnr_mean_image: the PSNR of predicting every image by the eval set's per-pixel
+    # mean image (the trivial baseline a tokenizer must clearly beat; costs a second data pass)
+    baseline: bool = False
 
 
 def psnr(x: Tensor, y: Tensor) -> Tensor:
@@ -59,7 +62,22 @@ class PsnrSsim(Evaluator):
             tot_p += psnr(x01, y01).sum().item()
             tot_s += ssim(x01, y01).sum().item()
             n += x.shape[0]
-        return {"psnr": tot_p / max(n, 1), "ssim": tot_s / max(n, 1)}
+        out = {"psnr": tot_p / max(n, 1), "ssim": tot_s / max(n, 1)}
+        if self.cfg.baseline and n:
+            out["psnr_mean_image"] = mean_image_psnr(loader)
+        return out
+
+
+def mean_image_psnr(loader) -> float:
+    """Mean PSNR of the constant prediction 'the per-pixel mean image of the set'."""
+    total = None
+    n = 0
+    for batch in loader:
+        x = (batch["image"].double() + 1) / 2
+        total = x.sum(0) if total is None else total + x.sum(0)
+        n += x.shape[0]
+    mean = (total / n)[None]
+    return sum(psnr((b["image"].double() + 1) / 2, mean.expand_as(b["image"])).sum().item() for b in loader) / n
 
 
 @hookimpl
