@@ -371,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
         client.log_artifact(info["parent"], str(png), "report")
         for i, (claim, verdict, m, _) in enumerate(info["verdicts"]):
             client.set_tag(info["parent"], f"vtok.claim.{i}", f"{verdict} ({_fmt_margin(m)}): {claim.text or _claim_text(claim)}")
-    print(f"written: {md_path}, {png}" + (f"; attached to MLflow run {info['parent']}" if info["parent"] else ""), file=sys.stderr)
+    attached = info["parent"] and exp.tracking.enabled and not args.no_mlflow
+    print(f"written: {md_path}, {png}" + (f"; attached to MLflow run {info['parent']}" if attached else ""), file=sys.stderr)
     return 0
 
 
