@@ -27,8 +27,11 @@ import json
 import os
 import socket
 import sys
+import threading
 import time
 import traceback
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Literal, Optional, Union
 
@@ -329,7 +332,9 @@ def make_storage(url: str) -> Any:
     from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
     if "://" in url:
-        return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=120)
+        with warnings.catch_warnings():  # heartbeats are marked experimental in Optuna 4
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=120)
     path = str(Path(url).resolve())
     return optuna.storages.JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
 
@@ -420,6 +425,32 @@ def _kill_runs(run_ids: list[str | None], tracking: Any) -> None:
                 client.set_terminated(rid, "KILLED")
         except Exception as e:  # noqa: BLE001 - a run deleted by hand, another store
             print(f"vtok sweep: could not close MLflow run {rid}: {e}", file=sys.stderr)
+
+
+@contextmanager
+def heartbeat(study: Any, trial: Any) -> Iterator[None]:
+    """On RDB storage, record the trial's heartbeat while it runs, so workers on other machines can
+    tell a dead worker's RUNNING trial from a live one (``fail_stale_trials``)."""
+    storage = study._storage
+    interval = storage.get_heartbeat_interval() if hasattr(storage, "get_heartbeat_interval") else None
+    if not interval:
+        yield
+        return
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            storage.record_heartbeat(trial._trial_id)
+            if stop.wait(interval):
+                return
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def enqueue_missing(study: Any, cells: list[Cell]) -> int:
@@ -640,8 +671,9 @@ def grid_worker(raw: dict[str, Any], threads: int | None = None) -> int:
         # the same distribution for a key in every trial (Optuna requires it); values fixed by the queue
         choices = {k: trial.suggest_categorical(k, _options(sw.space[k])) for k in sw.space if k in fixed}
         seed = trial.suggest_categorical("seed", list(sw.seeds))
-        if _run_trial(study, trial, raw, sw, choices, [seed], parent_id, prune=False) == "FAIL":
-            failed += 1
+        with heartbeat(study, trial):
+            state = _run_trial(study, trial, raw, sw, choices, [seed], parent_id, prune=False)
+        failed += state == "FAIL"
     return failed
 
 
@@ -685,8 +717,8 @@ def _run_trial(study: Any, trial: Any, raw: dict[str, Any], sw: SweepConfig, cho
 
 
 def tpe_worker(raw: dict[str, Any], threads: int | None = None) -> int:
-    """Ask TPE for trials until ``n_trials`` COMPLETE or PRUNED exist; each trial runs every seed."""
-    import optuna
+    """Ask TPE for trials until ``n_trials`` COMPLETE, PRUNED or RUNNING exist (workers starting at
+    the same moment may overshoot by one each); each trial runs every seed."""
     import torch
     from optuna.trial import TrialState
 
@@ -703,7 +735,9 @@ def tpe_worker(raw: dict[str, Any], threads: int | None = None) -> int:
         trial.set_user_attr(ATTR_OWNER, _owner())
         choices = suggest(trial, sw)
         trial.set_user_attr(ATTR_CELL, cell_label(choices))
-        if _run_trial(study, trial, raw, sw, choices, sw.seeds, parent_id, prune=sw.pruning is not None) == "FAIL":
+        with heartbeat(study, trial):
+            state = _run_trial(study, trial, raw, sw, choices, sw.seeds, parent_id, prune=sw.pruning is not None)
+        if state == "FAIL":
             failed += 1
             if failed >= sw.n_trials:  # every trial failing is a broken setup, not bad luck
                 break

@@ -1,0 +1,62 @@
+"""Two worker processes share one grid study on a real PostgreSQL server: together they complete
+every cell, none twice. The server (Debian's postgresql 15) runs as the ``postgres`` user in a
+temporary directory on 127.0.0.1 and a free port, and is stopped at the end."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from sweep_helpers import TINY_KEYS, cli, free_port, trials, write_tiny
+
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+def _as_postgres(*cmd: str) -> list[str]:
+    return ["runuser", "-u", "postgres", "--", *cmd]
+
+
+@pytest.fixture
+def postgres_url():
+    if not (PG_BIN / "initdb").is_file():
+        pytest.skip(f"PostgreSQL server binaries not found in {PG_BIN} (Debian package postgresql-15)")
+    if os.geteuid() != 0 or shutil.which("runuser") is None:
+        pytest.skip("initdb refuses root and this test needs root to run it as the postgres user (runuser)")
+    try:
+        import psycopg2  # noqa: F401
+    except ImportError:
+        pytest.skip("psycopg2 is not installed (dev extra psycopg2-binary)")
+    base = Path(tempfile.mkdtemp(prefix="vtok-pg-", dir="/tmp"))
+    base.chmod(0o755)
+    shutil.chown(base, "postgres", "postgres")
+    data, port = base / "data", free_port()
+    run = lambda *c: subprocess.run(c, check=True, capture_output=True, text=True, timeout=120)  # noqa: E731
+    try:
+        run(*_as_postgres(str(PG_BIN / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"))
+        run(*_as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(base / "log"), "-w", "-t", "60",
+                          "-o", f"-p {port} -k {base} -c listen_addresses=127.0.0.1", "start"))
+        run(str(PG_BIN / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "vtok")
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/vtok"
+    finally:
+        subprocess.run(_as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"),
+                       capture_output=True, timeout=120)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_two_workers_share_one_postgres_study_and_run_no_cell_twice(tmp_path, postgres_url):
+    from optuna.trial import TrialState
+
+    path = write_tiny(tmp_path, **{"train.steps": 20, "sweep.storage": postgres_url, "tracking.enabled": False})
+    procs = [cli([str(path)], tmp_path) for _ in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outs)
+    ran = Counter(f"{cell}#seed={seed}" for o in outs for cell, seed in re.findall(r"trial \d+ cell (\S+) seed (\d+)", o))
+    assert set(ran) == TINY_KEYS and max(ran.values()) == 1, ran  # every cell trained exactly once
+    complete = Counter(t.user_attrs["vtok.key"] for t in trials(path) if t.state == TrialState.COMPLETE)
+    assert set(complete) == TINY_KEYS and max(complete.values()) == 1
+    print("cells per worker:", [len(re.findall(r"trial \d+ cell", o)) for o in outs])
