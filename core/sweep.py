@@ -186,18 +186,33 @@ def parse_sweep(raw: Any) -> SweepConfig:
     try:
         return SweepConfig.model_validate(raw)
     except ValidationError as e:
-        err = e.errors()[0]
-        loc = [str(p) for p in err["loc"] if p not in ("Range", "Choices")]  # union branch names
-        msg = err["msg"]
-        msg = msg[len("Value error, "):] if msg.startswith("Value error, ") else msg
+        err = _pick_error(e.errors(), raw)
+        loc = [str(p) for p in err["loc"] if not _is_branch(p)]
+        msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key (extra inputs are not permitted)"
-        if msg.startswith("space.") or msg.startswith("n_trials") or msg.startswith("pruning"):
+        if msg.startswith(("space.", "n_trials", "pruning")):  # model-level checks name their own path
             path, _, msg = msg.partition(": ")
-            return_path = f"sweep.{path}"
-        else:
-            return_path = ".".join(["sweep", *loc])
-        raise ConfigError(return_path, msg[0].lower() + msg[1:]) from None
+            loc = [path]
+        raise ConfigError(".".join(["sweep", *loc]), msg[0].lower() + msg[1:]) from None
+
+
+def _is_branch(part: Any) -> bool:
+    """Union branch tags pydantic puts into error locations (``Range``, ``function-after[...]``)."""
+    return isinstance(part, str) and (part in ("Range", "Choices") or "[" in part)
+
+
+def _pick_error(errors: list[dict[str, Any]], raw: Any) -> dict[str, Any]:
+    """For a space entry both union branches fail: report the branch its shape asked for."""
+    for err in errors:
+        loc = err["loc"]
+        if len(loc) >= 3 and loc[0] == "space" and isinstance(raw, dict):
+            value = _normalise_param((raw.get("space") or {}).get(loc[1]))
+            want = "Choices" if isinstance(value, dict) and "choices" in value else "Range"
+            if want not in str(loc[2]):
+                continue
+        return err
+    return errors[0]
 
 
 # ------------------------------------------------------------------------------------------------
