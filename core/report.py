@@ -202,7 +202,8 @@ def collect(study: Any, sampler: str) -> tuple[dict[str, dict[str, list[float]]]
                 starts.append(t.datetime_start)
                 ends.append(t.datetime_complete)
                 busy += (t.datetime_complete - t.datetime_start).total_seconds()
-        elif t.state == TrialState.FAIL and t.user_attrs.get(ATTR_KEY) not in done_keys:
+        elif (t.state == TrialState.FAIL and t.user_attrs.get(ATTR_KEY) not in done_keys
+              and not str(t.user_attrs.get(ATTR_ERROR, "")).startswith("duplicate of trial")):
             failed.append({"trial": t.number, "cell": t.user_attrs.get(ATTR_CELL, "?"), "seed": t.params.get("seed"),
                            "error": t.user_attrs.get(ATTR_ERROR, "")})
     wall = (max(ends) - min(starts)).total_seconds() if starts else 0.0
@@ -333,6 +334,10 @@ def build_report(raw: dict[str, Any], exp: Any) -> tuple[str, dict[str, Any]]:
         order = sorted(values, key=lambda c: sign * mean_std(values[c].get(sw.objective.metric, []))[0])
     header = (f"Study `{study.study_name}` in {sweep._display_storage(sw.storage_url())}; sampler {sw.sampler}, "
               f"seeds {sw.seeds}; objective {sw.objective.direction} {sw.objective.metric}.")
+    if sw.sampler == "tpe":  # what each trial row tried
+        params = {f"#{t.number}": t.params for t in study.get_trials(deepcopy=False) if f"#{t.number}" in values}
+        header += "\n\n" + "\n".join(f"- {c}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                          for k, v in params[c].items()) for c in order)
     md, verdicts = render(exp.name, paper, values, order, failed, timing, header, sw.objective.metric)
     parent = study.user_attrs.get(sweep.STUDY_PARENT)
     return md, {"values": values, "order": order, "paper": paper, "parent": parent, "verdicts": verdicts,

@@ -809,9 +809,14 @@ def main(path: str, raw: dict[str, Any], exp: Any, dry_run: bool = False) -> int
     else:
         fail_stale(study, exp.tracking)
         total = sw.n_trials * len(sw.seeds)
-    parent_run(exp, sw, study, total)
+    parent_id = parent_run(exp, sw, study, total)
     t0 = time.perf_counter()
-    failed = run_workers(raw, sw)
+    try:
+        failed = run_workers(raw, sw)
+    except KeyboardInterrupt:
+        if parent_id:
+            _kill_runs([parent_id], exp.tracking)
+        raise
     finish_parent(exp, study, cells if sw.sampler == "grid" else [])
     print(f"vtok sweep: done in {time.perf_counter() - t0:.0f} s; failed runs: {failed}. "
           f"Report: python -m core.report {path}", file=sys.stderr)
