@@ -323,6 +323,10 @@ def build_report(raw: dict[str, Any], exp: Any) -> tuple[str, dict[str, Any]]:
     order = list(dict.fromkeys(sweep.cell_label(pt) for pt in sweep.grid_points(sw))) if sw.sampler == "grid" else []
     if sw.sampler == "grid":
         check_paper(paper, order)
+    url = sw.storage_url()
+    if "://" not in url and not Path(url).is_file():
+        raise ConfigError("sweep.storage", f"no study storage at {Path(url).resolve()}: run the sweep first "
+                          "(python -m core.run EXP.yaml), from the same working directory")
     try:
         study = sweep.open_study(exp, sw, create=False)
     except KeyError:

@@ -350,7 +350,9 @@ def make_storage(url: str) -> Any:
         with warnings.catch_warnings():  # heartbeats are marked experimental in Optuna 4
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=120)
-    path = str(Path(url).resolve())
+    path = Path(url).resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path = str(path)
     return optuna.storages.JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -83,3 +84,15 @@ def test_render_puts_paper_figures_beside_ours_and_verdicts():
     assert "| a beats b | acc | **holds** | +7.1 |" in md
     assert "wall time 2.0 min" in md
     assert verdicts[0][1] == HOLDS
+
+
+def test_report_without_a_study_is_one_clear_error(tmp_path, monkeypatch, capsys):
+    from core.report import main
+
+    monkeypatch.chdir(tmp_path)
+    exp = tmp_path / "e.yaml"
+    exp.write_text((Path(__file__).resolve().parents[1] / "experiments" / "mcq_vs_rq.yaml").read_text())
+    assert main([str(exp)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: sweep.storage: no study storage at") and len(err.splitlines()) == 1
+    assert not (tmp_path / "optuna_journal.log").exists()
