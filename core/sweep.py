@@ -293,7 +293,7 @@ def validate_cell(raw: dict[str, Any], sw: SweepConfig, choices: dict[str, Any],
 
 def _reroot(e: ConfigError, sw: SweepConfig, choices: dict[str, Any]) -> ConfigError:
     path = e.path or ""
-    for key, choice in choices.items():
+    for key, choice in sorted(choices.items(), key=lambda kv: -len(kv[0])):  # the most specific key first
         p = sw.space[key]
         if key == VARIANT:
             for sub in p.choices[choice]:

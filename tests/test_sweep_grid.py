@@ -122,3 +122,11 @@ def test_failing_cell_is_recorded_and_the_others_finish(tmp_path):
     assert run_sweep(path) == 1  # re-run: only the failed cell runs again
     counts = Counter((t.user_attrs["vtok.cell"], t.state) for t in trials(path))
     assert counts == {("ok", TrialState.COMPLETE): 1, ("bad", TrialState.FAIL): 2}
+
+
+def test_error_is_rooted_at_the_most_specific_sweep_key(tmp_path):
+    space = {"model.quantizer": {"rq": {"type": "rq", "depth": 2, "codebook_size": 8, "code_dim": 4}},
+             "model.quantizer.depth": {"choices": [0], "when": {"model.quantizer": "rq"}}}
+    path = write_tiny(tmp_path, **{"sweep.space": space})
+    with pytest.raises(ConfigError, match=r"^sweep\.space\.model\.quantizer\.depth: input should be greater than or equal to 1 \(got 0\) \(choice 0\)$"):
+        _check(path)
