@@ -1,4 +1,5 @@
-"""Benchmarks: ``python -m core.bench quantizers [--json PATH] [--tokens N] [--heavy] ...``.
+"""Benchmarks: ``python -m core.bench quantizers [--json PATH] [--tokens N] [--heavy] ...`` and
+``python -m core.bench train`` (core/bench_train.py).
 
 ``quantizers``: forward+backward time and peak extra memory of each vtok quantizer beside a naive
 reference (full N x K distance matrix / full N x 2^d probabilities) and, when installed (the
@@ -25,6 +26,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
+
+from core import bench_train
 
 # ---------------------------------------------------------------------------------------------
 # cases
@@ -326,6 +329,8 @@ def _add_run_case_args(p: argparse.ArgumentParser) -> None:
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "quantizers": ("quantizer speed and memory vs naive and vector-quantize-pytorch", _add_quantizer_args, bench_quantizers),
     "run-case": ("(internal) one quantizer case in this process", _add_run_case_args, run_case),
+    "train": ("full trainer vs a minimal hand-written loop: images/s, overhead, step-time shares",
+              bench_train.add_args, bench_train.bench_train),
 }
 
 

@@ -58,6 +58,7 @@ class RunResult:
     status: str
     run_id: str | None = None
     model: Tokenizer | None = None  # the trained model (None when the run was already complete)
+    train_seconds: float = 0.0  # wall time of the step loop (logging included; final checkpoint/eval not)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -402,6 +403,7 @@ def train(exp: Any, reg: Registry | None = None, *, built: Built | None = None, 
     bar = _progress(cfg, start, is_main)
     t_log, n_log = time.perf_counter(), 0
     metrics: dict[str, float] = {}
+    loop_start = time.perf_counter()
     try:
         with StopFlag() as flag:
             for step in range(start, cfg.steps):
@@ -464,6 +466,8 @@ def train(exp: Any, reg: Registry | None = None, *, built: Built | None = None, 
                 if dist.any_rank(flag.stop):
                     checkpoint(done_steps)
                     raise KeyboardInterrupt
+        tracker.flush()
+        loop_seconds = time.perf_counter() - loop_start
         checkpoint(cfg.steps)
         metrics = run_eval(cfg.steps)
         if skipped:
@@ -471,7 +475,7 @@ def train(exp: Any, reg: Registry | None = None, *, built: Built | None = None, 
         if is_main:
             done.write_text(json.dumps({"metrics": metrics, "run_id": run_id}, indent=1))
         tracker.end("FINISHED")
-        return RunResult(run_dir, metrics, "FINISHED", run_id, model)
+        return RunResult(run_dir, metrics, "FINISHED", run_id, model, loop_seconds)
     except KeyboardInterrupt:
         tracker.end("KILLED")
         raise
