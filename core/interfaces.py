@@ -165,6 +165,9 @@ class Quantizer(Component, nn.Module):
     bits_per_token: float
     #: size of each of the K codebooks (for usage metrics), length ``codes_per_token``
     codebook_sizes: list[int]
+    #: True for a no-op "quantizer" (continuous baselines): there is no discrete path, and
+    #: evaluators read the continuous latent instead
+    continuous: ClassVar[bool] = False
 
     def forward(self, z: Tensor) -> QuantizerOutput:
         with torch.autocast(device_type=z.device.type, enabled=False):

@@ -145,6 +145,19 @@ class Tokenizer(nn.Module):
         return self.decoder(self.project_out(self.quantizer.indices_to_codes(indices)), self.grid)
 
     @torch.no_grad()
+    def discrete_latent(self, images: Tensor) -> Tensor:
+        """The quantized latent read through the DISCRETE path (images -> indices -> codes), what a
+        downstream model sees; for a continuous quantizer (``continuous = True``) the latent itself."""
+        latent, _ = self.encoder(images)
+        out = self.quantizer(self.project_in(latent))
+        return out.quantized if self.quantizer.continuous else self.quantizer.indices_to_codes(out.indices)
+
+    @torch.no_grad()
+    def image_embed_discrete(self, images: Tensor) -> Tensor:
+        """The CLIP image embedding on the discrete path (what zero-shot evaluation uses)."""
+        return self.clip_head(self.project_out(self.discrete_latent(images)))
+
+    @torch.no_grad()
     def image_embed_from_indices(self, indices: Tensor) -> Tensor:
         """The CLIP image embedding on the discrete path (what zero-shot evaluation uses)."""
         return self.clip_head(self.project_out(self.quantizer.indices_to_codes(indices)))

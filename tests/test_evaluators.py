@@ -70,6 +70,12 @@ class HandModel(nn.Module):
     def project_out(self, codes):
         return codes
 
+    def discrete_latent(self, images):
+        return self.quantizer.indices_to_codes(self.encode(images))
+
+    def image_embed_discrete(self, images):
+        return self.image_embed_from_indices(self.encode(images))
+
     def image_embed_from_indices(self, idx):
         if self.shuffled:
             return nn.functional.normalize(torch.randn(idx.shape[0], self.basis.shape[1], generator=self.gen), dim=-1)
@@ -208,10 +214,10 @@ def test_fd_features_in_fp32_under_bf16_autocast_and_head_wrapper(tmp_path):
 
     class Head(torch.utils.data.IterableDataset):  # like the trainer's head-of-stream wrapper
         def __init__(self, ds):
-            self.ds = ds
+            self.dataset = ds
 
         def __iter__(self):
-            return (self.ds[i] for i in range(64))
+            return (self.dataset[i] for i in range(64))
 
     cfg = _fd_cfg(tmp_path)
     ref = Fd(cfg).evaluate(HandModel(noise=0.2), loader(n=64))["fd_refnet"]

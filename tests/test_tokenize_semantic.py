@@ -218,3 +218,18 @@ def test_image_batches_limit_on_streams_and_missing_labels():
     assert [len(b[0]) for b in batches] == [4, 2] and all(b[1] is None for b in batches)
     assert torch.equal(torch.cat([b[0] for b in batches])[:, 0, 0, 0], torch.arange(6.0))
     assert sum(len(b[0]) for b in tokenize.image_batches(_Stream(), batch_size=4, limit=None)) == 10
+
+
+def test_discrete_path_equals_indices_path_and_continuous_baseline_has_one():
+    from core.config import validate
+    from core.model import Tokenizer
+    from conftest import tiny_experiment
+
+    exp = validate(tiny_experiment(**{"model.text": {"width": 32, "heads": 2, "layers": 1}}))
+    model = Tokenizer(exp.model, 16).eval()
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    assert torch.equal(model.image_embed_discrete(x), model.image_embed_from_indices(model.encode(x)))
+    cont = validate(tiny_experiment(**{"model.text": {"width": 32, "heads": 2, "layers": 1},
+                                       "model.quantizer": {"type": "identity", "dim": 8}}))
+    model = Tokenizer(cont.model, 16).eval()
+    assert torch.equal(model.discrete_latent(x), model(x)["zq"])

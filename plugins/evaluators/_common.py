@@ -33,6 +33,6 @@ def device_of(model: nn.Module) -> torch.device:
 
 def pooled_discrete_features(model: nn.Module, images: Tensor, where: str = "post") -> Tensor:
     """Mean over tokens of the DISCRETE path: indices -> codes (``codes``) -> post-projector (``post``)."""
-    codes = model.quantizer.indices_to_codes(model.encode(images))
+    codes = model.discrete_latent(images)
     feats = model.project_out(codes) if where == "post" else codes
     return feats.float().mean(dim=1)
