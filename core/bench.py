@@ -270,7 +270,7 @@ def _child(case: Case, impl: Impl, args: argparse.Namespace) -> dict[str, Any]:
 
 def bench_quantizers(args: argparse.Namespace) -> int:
     have_vqp = _vqp_available()
-    rows, notes = [], []
+    rows = []
     wanted = [c for c in CASES if not args.only or any(s in c.name for s in args.only)]
     print(f"{args.tokens} tokens, {args.threads} thread(s), median of {args.reps}; peak = extra RSS of the first full-size step in a fresh process")
     print(f"{'case':<24} {'implementation':<42} {'ms':>9} {'peak MB':>9} {'ms/vtok':>8} {'MB/vtok':>8}")

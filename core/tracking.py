@@ -76,7 +76,7 @@ class MlflowTracker(Tracker):
             return self.client.get_experiment_by_name(self.experiment).experiment_id
 
     def start(self, run_name, params, tags, run_id=None, parent_run_id=None):
-        from mlflow.entities import Param, RunStatus, RunTag
+        from mlflow.entities import Param, RunStatus
 
         if run_id is not None:  # resuming: the same MLflow run goes on
             self.run_id = run_id

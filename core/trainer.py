@@ -27,7 +27,6 @@ from core import dist
 from core.checkpoint import find_latest, load_checkpoint, restore_rng, save_checkpoint, verify
 from core.config import config_hash, flatten, to_dict
 from core.errors import ConfigError
-from core.interfaces import Loss
 from core.model import Tokenizer, parameter_counts
 from core.plugins import Registry, get_registry
 from core.tracking import Tracker, git_sha, make_tracker
