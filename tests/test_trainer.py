@@ -136,3 +136,20 @@ def test_no_weight_decay_on_1d_params():
     decay, no_decay = trainer.param_groups([model], set(), 0.02)
     assert [p.shape for p in decay["params"]] == [torch.Size([4, 3])]
     assert len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0.0
+
+
+def test_quickstart_shortened_records_an_mlflow_run(in_tmp, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from conftest import ROOT
+    from core.run import main
+
+    code = main([str(ROOT / "experiments" / "quickstart.yaml"), "train.steps=4", "train.eval_size=32",
+                 "train.progress=false", "data.train_size=256"])
+    out = capsys.readouterr().out
+    assert code == 0 and "psnr:" in out and "psnr_mean_image:" in out
+    client = MlflowClient(resolve_uri(None))
+    (run,) = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["model.quantizer.type"] == "vq"
+    assert {"psnr", "psnr_mean_image", "loss/total", "usage"} <= set(run.data.metrics)
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "reconstructions")]
