@@ -168,9 +168,20 @@ def restore_rng(rng: dict[str, torch.Tensor]) -> None:
 # ---- inference loading -----------------------------------------------------------------------------
 
 
+def find_run_dir(path: str | Path) -> Path | None:
+    """``path`` if it is a directory, else the newest ``<path>-<config hash>`` run directory holding a
+    valid checkpoint (so ``runs/clip_teacher`` names the latest clip_teacher run), else None."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        return p
+    runs = [d for d in p.parent.glob(f"{p.name}-*") if d.is_dir() and list_checkpoints(d)] if p.parent.is_dir() else []
+    return max(runs, key=lambda d: list_checkpoints(d)[-1].stat().st_mtime, default=None)
+
+
 def resolve_checkpoint(path_or_run_id: str) -> tuple[Path, Path]:
-    """A run directory, a checkpoint directory or an MLflow run id -> (run_dir, checkpoint)."""
-    p = Path(path_or_run_id)
+    """A run directory (or run-name prefix, see :func:`find_run_dir`), a checkpoint directory or an
+    MLflow run id -> (run_dir, checkpoint)."""
+    p = find_run_dir(path_or_run_id) or Path(path_or_run_id)
     if p.is_dir() and (p / STATE).is_file():
         return p.parent.parent, p
     if p.is_dir():

@@ -87,7 +87,7 @@ def test_missing_teacher_fails_at_validation(tmp_path):
     with pytest.raises(ConfigError) as e:
         tiny_exp(losses=[{"type": "distill", **timm_teacher(missing)}])
     assert str(missing) in str(e.value) and str(e.value).startswith("losses.0.teacher") and "\n" not in str(e.value)
-    with pytest.raises(ConfigError, match="run directory not found"):
+    with pytest.raises(ConfigError, match="teacher run not found"):
         tiny_exp(losses=[{"type": "distill", "teacher": {"kind": "vtok", "path": str(tmp_path / "runs" / "clip")}}])
     with pytest.raises(ConfigError, match="needs a model name"):
         tiny_exp(losses=[{"type": "distill", "teacher": {"kind": "open_clip", "path": str(missing)}}])
@@ -170,3 +170,17 @@ def test_open_clip_teacher_reads_local_file(tmp_path):
     with torch.no_grad():
         ref = net.encode_image(((x32 + 1) / 2 - mean) / std)
     assert loss.head_pre is not None and torch.allclose(loss.teacher_embed(x), ref, atol=1e-5)
+
+
+def test_vtok_teacher_path_may_be_a_run_name_prefix(tmp_path):
+    from core.checkpoint import find_run_dir, save_checkpoint
+
+    assert find_run_dir(tmp_path / "runs" / "clip_teacher") is None
+    old, new = tmp_path / "runs" / "clip_teacher-aaaa", tmp_path / "runs" / "clip_teacher-bbbb"
+    save_checkpoint(old, 1, {"w": torch.zeros(1)}, {}, {})
+    (tmp_path / "runs" / "clip_teacher-empty").mkdir()  # no checkpoint: never chosen
+    import time
+    time.sleep(0.01)
+    save_checkpoint(new, 1, {"w": torch.zeros(1)}, {}, {})
+    assert find_run_dir(tmp_path / "runs" / "clip_teacher") == new
+    assert find_run_dir(old) == old

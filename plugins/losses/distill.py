@@ -16,7 +16,6 @@ Teacher ``f_T`` (one embedding per image, no gradient), from local files:
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal, Optional
 
 import torch
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
+from core.checkpoint import find_run_dir
 from core.errors import ConfigError
 from core.hookspecs import hookimpl
 from core.interfaces import Loss, LossConfig
@@ -33,7 +33,7 @@ from plugins.local_weights import load_timm_local, require_file
 class TeacherConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
     kind: Literal["vtok", "open_clip", "timm"] = "vtok"  # what the file is
-    path: str  # vtok: run or checkpoint directory; open_clip / timm: local weights file
+    path: str  # vtok: run or checkpoint directory, or a run-name prefix (runs/clip_teacher); open_clip / timm: local weights file
     name: Optional[str] = None  # open_clip / timm model name (e.g. ViT-B-16, vit_base_patch16_siglip_224)
     image_size: Optional[int] = Field(None, gt=0)  # resize images to this (default: the teacher's own size)
 
@@ -42,8 +42,9 @@ class TeacherConfig(BaseModel):
         if self.kind != "vtok" and not self.name:
             raise ValueError(f"teacher kind '{self.kind}' needs a model name (teacher.name)")
         if self.kind == "vtok":
-            if not Path(self.path).expanduser().is_dir():
-                raise ValueError(f"distillation teacher run directory not found: {self.path} (a vtok run or checkpoint directory)")
+            if find_run_dir(self.path) is None:
+                raise ValueError(f"distillation teacher run not found: {self.path} (a vtok run or checkpoint directory, or a "
+                                 f"run-name prefix such as runs/clip_teacher after python -m core.run experiments/clip_teacher.yaml)")
         else:
             require_file(self.path, f"distillation teacher weights file ({self.kind} {self.name})")
         return self
