@@ -44,7 +44,7 @@ def dry_run(exp: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parser().parse_intermixed_args(argv)  # flags may follow the key=value overrides
     try:
         if args.list_plugins:
             from core.plugins import format_plugin_list, get_registry

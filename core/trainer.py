@@ -361,7 +361,9 @@ def train(exp: Any, reg: Registry | None = None, *, built: Built | None = None, 
                 **({"vtok.git_sha": sha} if (sha := git_sha()) else {}), **(tags or {})}
     if exp.paper and exp.paper.get("source"):
         all_tags["vtok.paper"] = str(exp.paper["source"])
-    run_id = tracker.start(run_dir.name, flatten(resolved), all_tags, run_id=run_id, parent_run_id=parent_run_id)
+    # params: what the run computes (the sweep and paper sections are the sweep's and the report's)
+    params = flatten({k: v for k, v in resolved.items() if k not in ("sweep", "paper")})
+    run_id = tracker.start(run_dir.name, params, all_tags, run_id=run_id, parent_run_id=parent_run_id)
     if is_main and run_id and ckpt is None:
         tracker.log_artifact(run_dir / "config.yaml")
         tracker.log_metrics({f"params/{k}": v for k, v in parameter_counts(model).items()}, 0)

@@ -96,3 +96,9 @@ def test_dry_run_prints_config_and_counts(in_tmp, capsys):
     assert "codebook_size: 32" in out and "quantizer:" in out and "total:" in out
     assert "256" in out.split("quantizer:")[-1].splitlines()[0] or "        256" in out  # 32 x 8 codebook
     assert not (in_tmp / "runs").exists()
+
+
+def test_flags_may_follow_overrides(in_tmp, capsys):
+    exp = _write(in_tmp, tiny_experiment())
+    assert main([exp, "train.steps=3", "--dry-run"]) == 0
+    assert "steps: 3" in capsys.readouterr().out
