@@ -426,17 +426,28 @@ def fail_stale(study: Any, tracking: Any = None) -> None:
             study._storage.set_trial_user_attr(t._trial_id, ATTR_ERROR, "worker process died (killed?)")
             study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
             stale.append(t)
-    if tracking is not None and tracking.enabled:
-        _kill_runs([t.user_attrs.get(ATTR_RUN) for t in stale], tracking)
+    if tracking is not None and tracking.enabled and stale:
+        _kill_runs([t.user_attrs.get(ATTR_RUN) for t in stale], tracking, study.user_attrs.get(STUDY_PARENT),
+                   {str(t.number) for t in stale})
 
 
-def _kill_runs(run_ids: list[str | None], tracking: Any) -> None:
+def _kill_runs(run_ids: list[str | None], tracking: Any, parent_id: str | None = None, trials: set[str] = frozenset()) -> None:
+    """Close the MLflow runs of dead trials as KILLED. A worker killed between creating its run and
+    recording the run id on the trial leaves a run the trial does not name: those are found as the
+    parent's RUNNING children tagged with a dead trial's number."""
     from mlflow.tracking import MlflowClient
 
     from core.tracking import resolve_uri
 
     client = MlflowClient(tracking_uri=resolve_uri(tracking.uri))
-    for rid in filter(None, run_ids):
+    if parent_id and trials:
+        try:
+            experiment_id = client.get_run(parent_id).info.experiment_id
+            orphans = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}' and attributes.status = 'RUNNING'")
+            run_ids = list(run_ids) + [r.info.run_id for r in orphans if r.data.tags.get("vtok.trial") in trials]
+        except Exception as e:  # noqa: BLE001 - tracking trouble must not stop the sweep
+            print(f"vtok sweep: could not search for orphaned MLflow runs: {e}", file=sys.stderr)
+    for rid in dict.fromkeys(filter(None, run_ids)):
         try:
             if client.get_run(rid).info.status == "RUNNING":
                 client.set_terminated(rid, "KILLED")

@@ -130,3 +130,21 @@ def test_error_is_rooted_at_the_most_specific_sweep_key(tmp_path):
     path = write_tiny(tmp_path, **{"sweep.space": space})
     with pytest.raises(ConfigError, match=r"^sweep\.space\.model\.quantizer\.depth: input should be greater than or equal to 1 \(got 0\) \(choice 0\)$"):
         _check(path)
+
+
+def test_orphaned_child_run_of_a_dead_trial_is_closed(in_tmp):
+    """A worker killed after creating its MLflow run but before recording its id on the trial."""
+    from mlflow.tracking import MlflowClient
+
+    from core.config import TrackingConfig
+    from core.sweep import _kill_runs
+    from core.tracking import resolve_uri
+
+    client = MlflowClient(resolve_uri(None))
+    exp_id = client.create_experiment("orphans")
+    parent = client.create_run(exp_id).info.run_id
+    orphan = client.create_run(exp_id, tags={"mlflow.parentRunId": parent, "vtok.trial": "3"}).info.run_id
+    alive = client.create_run(exp_id, tags={"mlflow.parentRunId": parent, "vtok.trial": "4"}).info.run_id
+    _kill_runs([], TrackingConfig(), parent, {"3"})
+    assert client.get_run(orphan).info.status == "KILLED"
+    assert client.get_run(alive).info.status == "RUNNING"
