@@ -336,7 +336,10 @@ def train(exp: Any, reg: Registry | None = None, *, built: Built | None = None, 
     opt = torch.optim.AdamW(param_groups([model, losses], aux_ids, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
     aux_opts = {i: losses[i].aux_optimizer(ps) for i, ps in aux if ps}
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
-    step_module = dist.wrap_ddp(TrainStep(model, losses, built.labels), device)
+    # DDP must look for unused parameters only where some can be unused at a step: a text tower
+    # that only evaluation reads, loss modules behind a schedule, a discriminator
+    may_skip = model.text is not None or any(True for loss in losses for _ in loss.parameters())
+    step_module = dist.wrap_ddp(TrainStep(model, losses, built.labels), device, find_unused=may_skip)
 
     start, run_id, skipped = 0, None, 0
     if ckpt is not None:
