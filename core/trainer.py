@@ -353,6 +353,9 @@ def train(exp: Any, reg: Registry | None = None, *, built: Built | None = None, 
         restore_rng(state["rng"])
         start, run_id, skipped = state["step"], state["extra"].get("run_id"), state["extra"].get("skipped", 0)
 
+    # data before any file or MLflow run exists: a batch larger than the data is bad input
+    data = train_loader(built.train_set, cfg, exp.seed, start)
+    ev_loader = eval_loader(built.eval_set, cfg)
     is_main = dist.rank() == 0
     if tracker is None:
         tracker = make_tracker(exp.tracking, exp.name, enabled=is_main)
@@ -374,8 +377,6 @@ def train(exp: Any, reg: Registry | None = None, *, built: Built | None = None, 
     dtype = DTYPES[cfg.precision]
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
     scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" and device.type == "cuda" else None
-    ev_loader = eval_loader(built.eval_set, cfg)
-    data = train_loader(built.train_set, cfg, exp.seed, start)
 
     def checkpoint(step: int) -> None:
         if not is_main:
