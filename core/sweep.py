@@ -347,13 +347,32 @@ def make_storage(url: str) -> Any:
     from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
     if "://" in url:
-        with warnings.catch_warnings():  # heartbeats are marked experimental in Optuna 4
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=120)
+        return _rdb_storage(url)
     path = Path(url).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     path = str(path)
     return optuna.storages.JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
+
+
+def _rdb_storage(url: str, attempts: int = 6) -> Any:
+    """RDBStorage; workers that start together on an empty database race to create Optuna's tables
+    (PostgreSQL then raises a unique violation on its catalog): the loser waits and tries again,
+    and by then the tables exist."""
+    import random
+    import time
+
+    import optuna
+    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+
+    for attempt in range(attempts):
+        try:
+            with warnings.catch_warnings():  # heartbeats are marked experimental in Optuna 4
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=120)
+        except (IntegrityError, ProgrammingError, OperationalError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5 + random.random() * (attempt + 1))
 
 
 def study_name(exp: Any, sw: SweepConfig) -> str:
