@@ -695,9 +695,8 @@ def _error_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"[:4000]
 
 
-def grid_worker(raw: dict[str, Any], threads: int | None = None) -> int:
-    """Claim and run WAITING cells until none is left. Returns the number of failed cells."""
-    import optuna
+def _worker_setup(raw: dict[str, Any], threads: int | None) -> tuple[SweepConfig, Any, str | None]:
+    """A worker's (sweep config, study, MLflow parent run id), with its torch thread count set."""
     import torch
 
     if threads:
@@ -705,7 +704,14 @@ def grid_worker(raw: dict[str, Any], threads: int | None = None) -> int:
     exp = validate(raw)
     sw = parse_sweep(exp.sweep)
     study = open_study(exp, sw)
-    parent_id = study.user_attrs.get(STUDY_PARENT)
+    return sw, study, study.user_attrs.get(STUDY_PARENT)
+
+
+def grid_worker(raw: dict[str, Any], threads: int | None = None) -> int:
+    """Claim and run WAITING cells until none is left. Returns the number of failed cells."""
+    import optuna
+
+    sw, study, parent_id = _worker_setup(raw, threads)
     failed = 0
     while (trial := claim(study)) is not None:
         trial.set_user_attr(ATTR_OWNER, _owner())
@@ -766,15 +772,9 @@ def _run_trial(study: Any, trial: Any, raw: dict[str, Any], sw: SweepConfig, cho
 def tpe_worker(raw: dict[str, Any], threads: int | None = None) -> int:
     """Ask TPE for trials until ``n_trials`` COMPLETE, PRUNED or RUNNING exist (workers starting at
     the same moment may overshoot by one each); each trial runs every seed."""
-    import torch
     from optuna.trial import TrialState
 
-    if threads:
-        torch.set_num_threads(threads)
-    exp = validate(raw)
-    sw = parse_sweep(exp.sweep)
-    study = open_study(exp, sw)
-    parent_id = study.user_attrs.get(STUDY_PARENT)
+    sw, study, parent_id = _worker_setup(raw, threads)
     failed = 0
     counted = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
     while len(study.get_trials(deepcopy=False, states=counted)) < sw.n_trials:
