@@ -42,7 +42,7 @@ class Identity(Quantizer):
         return QuantizerOutput(z, z.new_zeros((*z.shape[:-1], 0), dtype=torch.int64))
 
     def indices_to_codes(self, indices: Tensor) -> Tensor:
-        raise NotImplementedError("the identity quantizer is continuous: it has no discrete codes")
+        raise RuntimeError("the identity quantizer is continuous: it has no discrete codes (use model.discrete_latent)")
 
 
 @hookimpl
