@@ -415,7 +415,7 @@ def train(exp: Any, reg: Registry | None = None, *, built: Built | None = None, 
                 batch = to_device(next(data), device)
                 with autocast():
                     total, outputs, logs = step_module(batch, step)
-                if not torch.isfinite(total).item():
+                if not torch.isfinite(total).item():  # the one host sync per step (skip/stop needs it now)
                     if cfg.on_nonfinite == "stop":
                         raise NonFiniteLoss(f"non-finite loss at step {step}")
                     skipped += 1
@@ -468,7 +468,9 @@ def train(exp: Any, reg: Registry | None = None, *, built: Built | None = None, 
                     metrics = run_eval(done_steps)
                 if cfg.ckpt_every and done_steps % cfg.ckpt_every == 0 and done_steps < cfg.steps:
                     checkpoint(done_steps)
-                if dist.any_rank(flag.stop):
+                # a stop request is agreed on by all ranks; with several ranks that costs a
+                # collective, so they compare notes only at logging steps
+                if (not dist.is_distributed() or done_steps % cfg.log_every == 0) and dist.any_rank(flag.stop):
                     checkpoint(done_steps)
                     raise KeyboardInterrupt
         tracker.flush()
