@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pydantic import BaseModel, model_validator
+
 from plugins.local_weights import read_state_dict
 
 Backbone = Literal["vgg", "alex"]
@@ -79,3 +81,15 @@ def lpips_distance(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         if min(x.shape[-2:]) < size:
             x, y = (F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False) for t in (x, y))
         return model(x, y).flatten()
+
+
+class LpipsWeightsFields(BaseModel):
+    """Config fields shared by the perceptual loss and the lpips evaluator (same weights rule)."""
+
+    net: Backbone = "vgg"  # LPIPS trunk: vgg (UniTok) or alex
+    backbone_path: Optional[str] = None  # torchvision trunk weights; None: the torch hub cache file
+
+    @model_validator(mode="after")
+    def _weights_present(self):
+        check_backbone_file(self.net, self.backbone_path)
+        return self

@@ -1,26 +1,17 @@
 """LPIPS of reconstructions (same network and local-weights rule as the ``perceptual`` loss)."""
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
-from pydantic import model_validator
 
 from core.hookspecs import hookimpl
 from core.interfaces import ComponentConfig, Evaluator
-from plugins.lpips_net import Backbone, build_lpips, check_backbone_file, lpips_distance
+from plugins.lpips_net import LpipsWeightsFields, build_lpips, lpips_distance
 
 
-class LpipsConfig(ComponentConfig):
+class LpipsConfig(ComponentConfig, LpipsWeightsFields):
     type: Literal["lpips"] = "lpips"
-    net: Backbone = "vgg"  # LPIPS trunk: vgg or alex
-    backbone_path: Optional[str] = None  # torchvision trunk weights; None: the torch hub cache file
-
-    @model_validator(mode="after")
-    def _weights_present(self) -> "LpipsConfig":
-        check_backbone_file(self.net, self.backbone_path)
-        return self
-
 
 class Lpips(Evaluator):
     """Perceptual distance: ``lpips_<net>`` (mean over the eval set, lower is better)."""

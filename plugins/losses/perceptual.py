@@ -5,26 +5,17 @@ torch hub cache); a missing file fails at config validation with one line naming
 """
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
-from pydantic import model_validator
 from torch import Tensor, nn
 
 from core.hookspecs import hookimpl
 from core.interfaces import Loss, LossConfig
-from plugins.lpips_net import Backbone, build_lpips, check_backbone_file, lpips_distance
+from plugins.lpips_net import LpipsWeightsFields, build_lpips, lpips_distance
 
 
-class PerceptualConfig(LossConfig):
+class PerceptualConfig(LossConfig, LpipsWeightsFields):
     type: Literal["perceptual"] = "perceptual"
-    net: Backbone = "vgg"  # LPIPS trunk: vgg (UniTok) or alex
-    backbone_path: Optional[str] = None  # torchvision trunk weights; None: the torch hub cache file
-
-    @model_validator(mode="after")
-    def _weights_present(self) -> "PerceptualConfig":
-        check_backbone_file(self.net, self.backbone_path)
-        return self
-
 
 class PerceptualLoss(Loss):
     """Mean LPIPS between input and reconstruction (term ``lpips``), fp32, frozen network."""
