@@ -13,6 +13,7 @@ from plugins.lpips_net import LpipsWeightsFields, build_lpips, lpips_distance
 class LpipsConfig(ComponentConfig, LpipsWeightsFields):
     type: Literal["lpips"] = "lpips"
 
+
 class Lpips(Evaluator):
     """Perceptual distance: ``lpips_<net>`` (mean over the eval set, lower is better)."""
 

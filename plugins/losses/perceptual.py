@@ -17,6 +17,7 @@ from plugins.lpips_net import LpipsWeightsFields, build_lpips, lpips_distance
 class PerceptualConfig(LossConfig, LpipsWeightsFields):
     type: Literal["perceptual"] = "perceptual"
 
+
 class PerceptualLoss(Loss):
     """Mean LPIPS between input and reconstruction (term ``lpips``), fp32, frozen network."""
 
