@@ -30,7 +30,7 @@ VARIANTS = [
     ("rq", {"shared_codebook": True, "l2_normalize": "input", "kmeans_init": True}),
     ("lfq", {"codebook_entropy": "grouped", "entropy_group_size": 4, "bit_order": "big"}),
     ("lfq", {"codebook_entropy": "none"}),
-    ("gq", {"codebook_entropy": "summed"}),
+    ("gq", {"codebook_entropy": "per_group", "codebook_entropy_log_eps": 1e-5}),
     ("bsq", {"codebook_entropy": "exact", "bit_order": "little"}),
 ]
 CASES = [(n, {}) for n in NAMES] + [v for v in VARIANTS if v[0] in NAMES]

@@ -1,12 +1,20 @@
 """The quantizer's own terms (commitment, codebook, entropy, ...) with a weight per term.
 
-Optional BSQ/LFQ-style ramp: all terms of this loss are multiplied by a factor that falls linearly
-from ``ramp_from`` (BSQ: 3) to 1 over the first ``ramp_steps`` steps (BSQ: 2000), on top of the
-usual weight / start_step / warmup_steps schedule.
+Optional ramp: a factor that falls linearly from ``ramp_from`` at step 0 to 1 at ``ramp_steps``,
+on top of the usual weight / start_step / warmup_steps schedule. Which terms it multiplies:
+
+- ``ramp_terms: null`` (default) -- every term of this loss, as BSQ-ViT
+  (zhaoyue-zephyrus/bsq-vit ``transcoder/losses/vqperceptual.py``, ``VQLPIPSWithDiscriminator.forward``:
+  ``cb_weight`` multiplies the whole quantizer loss, commitment included; multiplier 3, 2000 steps).
+- ``ramp_terms: [entropy]`` -- only the listed terms, as Open-MAGVIT2's ``codebook_enlarge``
+  (TencentARC/SEED-Voken ``src/Open_MAGVIT2/modules/losses/vqperceptual.py``,
+  ``VQLPIPSWithDiscriminator.forward``: the entropy term times ``1 + ratio * max(0, 1 - step / steps)``,
+  the commitment term unramped). Its ``codebook_enlarge_ratio: 3`` is ``ramp_from: 4`` here (the
+  factor is 1 + 3 = 4 at step 0).
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 from pydantic import Field
 from torch import Tensor
@@ -20,7 +28,8 @@ class QuantizerLossConfig(LossConfig):
     # per-term weight; unlisted terms take the quantizer's paper weight (Quantizer.loss_weights), else 1
     terms: dict[str, float] = Field(default_factory=dict)
     ramp_steps: int = Field(0, ge=0)  # length of the ramp from ramp_from x to 1x (0: no ramp)
-    ramp_from: float = Field(3.0, ge=0)  # multiplier at step 0 (BSQ: 3)
+    ramp_from: float = Field(3.0, ge=0)  # multiplier at step 0 (BSQ: 3; Open-MAGVIT2 codebook_enlarge 3: 4)
+    ramp_terms: Optional[list[str]] = None  # terms the ramp multiplies; null: all (BSQ-ViT), [entropy]: Open-MAGVIT2
 
 
 def ramp_factor(step: int, steps: int, start: float) -> float:
@@ -42,12 +51,18 @@ class QuantizerLoss(Loss):
         self.weights = {**defaults, **cfg.terms}
 
     def forward(self, batch: dict[str, Any], outputs: dict[str, Any], step: int) -> dict[str, Tensor]:
-        return dict(outputs["quant"].losses)
+        terms = dict(outputs["quant"].losses)
+        if self.cfg.ramp_terms is not None:  # per-term ramp: applied here, to the listed terms only
+            r = ramp_factor(step, self.cfg.ramp_steps, self.cfg.ramp_from)
+            terms = {k: v * r if k in self.cfg.ramp_terms else v for k, v in terms.items()}
+        return terms
 
     def term_weights(self) -> dict[str, float]:
         return dict(self.weights)
 
     def schedule(self, step: int) -> float:
+        if self.cfg.ramp_terms is not None:
+            return super().schedule(step)
         return super().schedule(step) * ramp_factor(step, self.cfg.ramp_steps, self.cfg.ramp_from)
 
 

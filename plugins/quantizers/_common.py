@@ -18,13 +18,14 @@ from core.dist import all_reduce_sum_, broadcast_
 SEARCH_BUDGET = 1 << 18
 
 
-def straight_through(z: Tensor, q: Tensor) -> Tensor:
-    """Value exactly ``q`` (bit for bit), gradient the identity to ``z``: ``sg(q) + (z - sg(z))``.
+def straight_through(z: Tensor, q: Tensor, scale: float = 1.0) -> Tensor:
+    """Value exactly ``q`` (bit for bit), gradient ``scale`` times the identity to ``z``:
+    ``sg(q) + scale (z - sg(z))``.
 
-    Equivalent to the usual ``z + sg(q - z)`` but without its rounding error, so
+    Equivalent to the usual ``z + sg(q - z)`` (times ``scale``) but without its rounding error, so
     ``indices_to_codes`` reproduces ``quantized`` exactly.
     """
-    return q.detach() + (z - z.detach())
+    return q.detach() + (z - z.detach()) * scale if scale != 1.0 else q.detach() + (z - z.detach())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,8 +206,14 @@ def group_probs(a: Tensor) -> Tensor:
     return torch.softmax(a @ all_bits(a.shape[-1], a.device).t(), dim=-1)
 
 
-def entropy(p: Tensor) -> Tensor:
-    """Entropy (nats) over the last axis; probabilities that underflowed to 0 add 0 (finite gradient)."""
+def entropy(p: Tensor, log_eps: float = 0.0) -> Tensor:
+    """Entropy (nats) over the last axis; probabilities that underflowed to 0 add 0 (finite gradient).
+
+    ``log_eps > 0``: ``-sum p log(p + log_eps)`` instead, the form of Open-MAGVIT2 / WeTok's
+    ``entropy_loss`` (``log(avg_probs + 1e-5)``) and UniTok's ``get_entropy_loss`` (1e-7).
+    """
+    if log_eps > 0:
+        return -(p * (p + log_eps).log()).sum(-1)
     return -(p * p.clamp_min(1e-30).log()).sum(-1)
 
 
@@ -227,15 +234,16 @@ def code_distribution(a: Tensor, pool_groups: bool = False) -> Tensor:
     return joint.reshape(groups, -1)  # index c_hi 2^h + c_lo = little-endian code index
 
 
-def codebook_entropy_exact(a: Tensor) -> Tensor:
+def codebook_entropy_exact(a: Tensor, log_eps: float = 0.0) -> Tensor:
     """EXACT H(mean over rows of p(. | a_row)) over all 2^d codes; a ``(M, d)``.
 
     Via :func:`code_distribution` with one group: O(M 2^(d/2) + 2^d) memory, one GEMM.
+    ``log_eps``: see :func:`entropy`.
     """
-    return entropy(code_distribution(a[:, None, :])[0])
+    return entropy(code_distribution(a[:, None, :])[0], log_eps)
 
 
-def codebook_entropy_grouped(a: Tensor, group: int, pooled: bool = False) -> Tensor:
+def codebook_entropy_grouped(a: Tensor, group: int, pooled: bool = False, log_eps: float = 0.0) -> Tensor:
     """Group-factorised codebook entropy from a ``(M, d)``, groups of ``group`` consecutive bits.
 
     ``pooled=False`` (BSQ): sum over groups of H(mean_rows p_group) -- exact per group, an UPPER
@@ -244,4 +252,4 @@ def codebook_entropy_grouped(a: Tensor, group: int, pooled: bool = False) -> Ten
     """
     m, d = a.shape
     dist = code_distribution(a.view(m, d // group, group), pool_groups=pooled)
-    return entropy(dist) if pooled else entropy(dist).sum()
+    return entropy(dist, log_eps) if pooled else entropy(dist, log_eps).sum()

@@ -8,8 +8,23 @@ H_ps (per-sample entropy) is EXACT, O(N d). H_cb: ``grouped`` (BSQ eq. 9) sums e
 marginal entropy over its 2^g sub-codes, groups of ``entropy_group_size`` consecutive bits
 (g=1: per bit), O(N (d/g) 2^g); ``exact`` is exact over all 2^d codes (half-split GEMM, O(N 2^d) time, O(N 2^(d/2) + 2^d) memory).
 ``entropy = gamma0 H_ps - gamma H_cb``; paper weights: entropy 0.1 (zeta), commitment 0 (beta in
-the released configs). The 3x -> 1x entropy ramp over the first 2k steps is a loss schedule
-(``quantizer`` loss ``warmup``), not part of this module.
+the released configs). The 3x -> 1x ramp over the first 2k steps is a loss schedule (``quantizer``
+loss ``ramp_steps``/``ramp_from``), not part of this module.
+
+Defaults follow BSQ-ViT's released code (zhaoyue-zephyrus/bsq-vit,
+``transcoder/models/quantizer/bsq.py``, ``BinarySphericalQuantizer.forward`` and
+``soft_entropy_loss``, with ``transcoder/models/bsqvit.py`` ``VITBSQModel``), each with an option:
+
+- ``straight_through: scaled`` -- the sign is straight-through on the unit latent, THEN scaled by
+  1/sqrt(d), so the gradient reaching u is 1/sqrt(d) times the incoming one (BSQ-ViT);
+  ``identity``: ``sg(q) + u - sg(u)``, gradient passed unchanged (vtok before).
+- ``inv_temperature: 1`` (``VITBSQModel``'s default; no released config overrides it); vtok used 100.
+- ``entropy_over_inv_temperature: true`` -- the entropy term is divided by the inverse temperature
+  (``zeta * entropy_penalty / inv_temperature`` in ``forward``; a no-op at 1).
+- ``commitment_reduction: sum`` -- commitment is ``mean_tokens sum_dims (q - u)^2`` (BSQ-ViT) = d x
+  the ``mean`` over dims (vtok before).
+BSQ-ViT takes ``log(p + 1e-8)`` inside the entropies; here they are exact (a difference of at most
+2^g x 1e-8 nats per group of g bits).
 
 Index convention: BIG-endian by default as BSQ (``index = sum_i 1[u_i > 0] 2^(d-1-i)``).
 """
@@ -36,11 +51,14 @@ class BSQConfig(QuantizerConfig):
     type: Literal["bsq"] = "bsq"
     code_dim: int = Field(18, ge=1, le=62)  # d bits = latent width; implicit codebook 2^d
     bit_order: Literal["little", "big"] = "big"  # index bit weights 2^i (little) or 2^(d-1-i) (big, BSQ)
-    inv_temperature: float = Field(100.0, gt=0)  # 1/tau in p(c|u) ∝ exp(2 u.c / tau); our default (T=0.01 as LFQ)
+    inv_temperature: float = Field(1.0, gt=0)  # 1/tau in p(c|u) ∝ exp(2 u.c / tau) (BSQ-ViT: 1)
+    entropy_over_inv_temperature: bool = True  # divide the entropy term by inv_temperature (BSQ-ViT)
+    straight_through: Literal["scaled", "identity"] = "scaled"  # gradient to u: 1/sqrt(d) (BSQ-ViT) or 1
+    commitment_reduction: Literal["sum", "mean"] = "sum"  # over the d dims: sum (BSQ-ViT) or mean
     sample_entropy_weight: float = Field(1.0, ge=0)  # gamma0 inside ``entropy``
     codebook_entropy_weight: float = Field(1.0, ge=0)  # gamma inside ``entropy``
     codebook_entropy: Literal["grouped", "exact"] = "grouped"  # see the module docstring
-    entropy_group_size: int = Field(9, ge=1, le=16)  # bits per group for codebook_entropy=grouped
+    entropy_group_size: int = Field(9, ge=1)  # bits per group for codebook_entropy=grouped (up to code_dim, <= 24)
     commitment: float = Field(0.0, ge=0)  # beta, paper weight of mse(u, sg(q)) (0 in released configs)
     entropy_weight: float = Field(0.1, ge=0)  # zeta, paper weight of the entropy term
 
@@ -52,6 +70,8 @@ class BSQConfig(QuantizerConfig):
     def _check(self) -> "BSQConfig":
         if self.codebook_entropy == "grouped" and self.code_dim % self.entropy_group_size:
             raise ValueError(f"entropy_group_size {self.entropy_group_size} does not divide code_dim {self.code_dim}")
+        if self.codebook_entropy == "grouped" and self.entropy_group_size > 24:
+            raise ValueError(f"entropy_group_size {self.entropy_group_size} holds 2^{self.entropy_group_size} probabilities per group; at most 24")
         if self.codebook_entropy == "exact" and self.code_dim > 24:
             raise ValueError(f"codebook_entropy=exact holds 2^{self.code_dim} probabilities; use 'grouped' above 24 bits")
         return self
@@ -79,13 +99,17 @@ class BSQ(Quantizer):
         h_ps = sample_entropy(a)
         h_cb = (codebook_entropy_grouped(a, cfg.entropy_group_size) if cfg.codebook_entropy == "grouped"
                 else codebook_entropy_exact(a))
-        losses = {"commitment": F.mse_loss(u, q),
-                  "entropy": cfg.sample_entropy_weight * h_ps - cfg.codebook_entropy_weight * h_cb}
+        entropy = cfg.sample_entropy_weight * h_ps - cfg.codebook_entropy_weight * h_cb
+        if cfg.entropy_over_inv_temperature:
+            entropy = entropy / cfg.inv_temperature
+        commitment = (q - u).pow(2).sum(-1).mean() if cfg.commitment_reduction == "sum" else F.mse_loss(u, q)
+        losses = {"commitment": commitment, "entropy": entropy}
         idx = bits_to_index(bits, cfg.bit_order)
         metrics = {"sample_entropy": h_ps.detach(), "codebook_entropy": h_cb.detach(), "bit_balance": bit_balance(bits)}
         if cfg.code_dim <= MAX_COUNTED_BITS:
             metrics.update(usage_metrics(code_counts(idx[:, None], 2**cfg.code_dim)))
-        return QuantizerOutput(straight_through(u, q).reshape(z.shape), idx.reshape(*z.shape[:-1], 1), losses, metrics)
+        out = straight_through(u, q, self.scale if cfg.straight_through == "scaled" else 1.0)
+        return QuantizerOutput(out.reshape(z.shape), idx.reshape(*z.shape[:-1], 1), losses, metrics)
 
     def loss_weights(self) -> dict[str, float]:
         return {"commitment": self.cfg.commitment, "entropy": self.cfg.entropy_weight}

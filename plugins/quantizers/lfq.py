@@ -16,9 +16,22 @@ upper bound of H_cb); ``none`` drops the H_cb term.
 
 GQ (WeTok): channels split into g groups of d' bits, group k = channels [k d', (k+1) d'); each is
 an LFQ with 2^d' codes (UniWeTok: 16 x 8 -> 2^128). Per-group entropies are exact over 2^d' (O(N g 2^d') by the same half-split GEMM).
-``codebook_entropy: pooled`` (WeTok) treats every (token, group) as a sample of ONE shared 2^d'
-distribution: entropy = gamma0 mean H_ps - gamma H(mean over tokens and groups of p);
-``summed`` adds g independent LFQ terms: sum_k (gamma0 H_ps_k - gamma H_cb_k).
+Both ``codebook_entropy`` modes measure entropy PER GROUP CODE (nats, at most d' ln 2) with the
+same per-sample term H_ps = mean over groups of H_ps_k, so switching the mode does not rescale
+the loss: ``pooled`` (WeTok, ``GFQ.forward`` -> ``entropy_loss`` averaging probabilities over
+``... D -> D``) treats every (token, group) as a sample of ONE shared 2^d' distribution,
+entropy = gamma0 mean_k H_ps_k - gamma H(mean over tokens and groups of p);
+``per_group`` gives each group its own distribution, entropy = mean_k (gamma0 H_ps_k - gamma H_cb_k),
+i.e. g independent LFQ terms averaged (their SUM, the BSQ-style factorised entropy of the whole
+g d'-bit code, is g times this: scale ``entropy_weight`` by g to train with the sum).
+H(mean_k p_k) >= mean_k H(p_k), so ``pooled`` H_cb is the larger of the two on the same latents.
+
+Codebook-entropy logarithm (``codebook_entropy_log_eps``): 0 (default) is exact; Open-MAGVIT2
+(TencentARC/SEED-Voken ``src/Open_MAGVIT2/modules/vqvae/lookup_free_quantize.py``,
+``entropy_loss``) and WeTok (same function in ``src/WeTok/modules/vqvae/lookup_free_quantize.py``)
+take ``log(avg_probs + 1e-5)``: set 1e-5 for a literal reproduction. Their per-sample entropy
+(``log_softmax(logits / T + eps)``) is exact, as here. Open-MAGVIT2's ``codebook_enlarge`` ramp
+multiplies only the entropy term: ``quantizer`` loss ``ramp_terms: [entropy]``.
 """
 from __future__ import annotations
 
@@ -47,6 +60,7 @@ class _BinaryConfig(QuantizerConfig):
     codebook_entropy_weight: float = Field(1.0, ge=0)  # gamma: weight of the codebook entropy inside ``entropy``
     commitment: float = Field(0.25, ge=0)  # paper weight of the commitment term
     entropy_weight: float = Field(0.1, ge=0)  # paper weight of the entropy term
+    codebook_entropy_log_eps: float = Field(0.0, ge=0)  # 0: exact H_cb; 1e-5: log(p + 1e-5) (Open-MAGVIT2, WeTok)
 
 
 class LFQConfig(_BinaryConfig):
@@ -72,7 +86,7 @@ class GQConfig(_BinaryConfig):
     type: Literal["gq"] = "gq"
     n_groups: int = Field(16, ge=1)  # g groups (codes per token)
     group_dim: int = Field(8, ge=1, le=16)  # d' bits per group; each group has 2^d' implicit codes
-    codebook_entropy: Literal["pooled", "summed"] = "pooled"  # pooled (WeTok) or summed over groups
+    codebook_entropy: Literal["pooled", "per_group"] = "pooled"  # one shared distribution (WeTok) or one per group
 
     @property
     def latent_dim(self) -> int:
@@ -100,9 +114,9 @@ class LFQ(Quantizer):
     def codebook_entropy(self, a: Tensor) -> Tensor:
         cfg = self.cfg
         if cfg.codebook_entropy == "exact":
-            return codebook_entropy_exact(a)
+            return codebook_entropy_exact(a, cfg.codebook_entropy_log_eps)
         if cfg.codebook_entropy == "grouped":
-            return codebook_entropy_grouped(a, cfg.entropy_group_size)
+            return codebook_entropy_grouped(a, cfg.entropy_group_size, log_eps=cfg.codebook_entropy_log_eps)
         return a.new_zeros(())
 
     def quantize(self, z: Tensor) -> QuantizerOutput:
@@ -127,7 +141,7 @@ class LFQ(Quantizer):
 
 
 class GQ(Quantizer):
-    """WeTok group-wise LFQ: g groups of d' sign bits, exact per-group entropies, pooled or summed."""
+    """WeTok group-wise LFQ: g groups of d' sign bits, exact per-group entropies, pooled or per group."""
 
     Config = GQConfig
 
@@ -139,11 +153,12 @@ class GQ(Quantizer):
         self.bits_per_token = float(cfg.n_groups * cfg.group_dim)
 
     def entropies(self, a: Tensor) -> tuple[Tensor, Tensor]:
-        """a ``(M, g, d')`` -> (H_ps, H_cb) combined over groups as ``codebook_entropy`` says."""
-        h_ps = bit_entropy(a).sum(-1).mean(0)  # (g,) exact per group
+        """a ``(M, g, d')`` -> (H_ps, H_cb) per group code, as ``codebook_entropy`` says."""
+        h_ps = bit_entropy(a).sum(-1).mean(0).mean()  # exact per group, averaged over groups (both modes)
+        eps = self.cfg.codebook_entropy_log_eps
         if self.cfg.codebook_entropy == "pooled":
-            return h_ps.mean(), entropy(code_distribution(a, pool_groups=True))
-        return h_ps.sum(), entropy(code_distribution(a)).sum()  # (g, 2^d') exact per-group means
+            return h_ps, entropy(code_distribution(a, pool_groups=True), eps)
+        return h_ps, entropy(code_distribution(a), eps).mean()  # (g, 2^d') exact per-group means
 
     def quantize(self, z: Tensor) -> QuantizerOutput:
         cfg = self.cfg

@@ -12,6 +12,15 @@ latent width ``n_codebooks * code_dim``. UniTok's official code states TOTALS in
 (``vocab_size``/``vocab_width`` over all sub-codebooks): its final model (vocab_size 32768,
 vocab_width 64, 8 codebooks) is ``{type: mcq, n_codebooks: 8, codebook_size: 4096, code_dim: 8}``.
 ``vq`` is ``mcq`` with one codebook (same code path, same parameters, same random draws).
+
+Optional entropy loss (``entropy_weight > 0``; off by default), as UniTok's quantizer
+(FoundationVision/UniTok ``models/quant.py``: ``get_entropy_loss``, used by ``VectorQuantizer.forward``
+when ``use_entropy_loss``, i.e. ``--le > 0``; default ``le 0``, ``e_temp 0.01``): per sub-codebook,
+p(k | x) = softmax_k(-||x - e_k||^2 / T) over ALL K codes (on the normalised vectors with cosine
+distance), entropy = H_ps - H_cb with H_ps = mean_rows H(p(.|x)) and
+H_cb = -sum_k pbar_k log(pbar_k + 1e-7), pbar = mean_rows p (``codebook_entropy_log_eps``; 0: exact),
+averaged over the sub-codebooks as ``VectorQuantizerM.forward`` does. Cost: an (n, M, K) softmax
+held for the backward pass, as the official code.
 """
 from __future__ import annotations
 
@@ -27,7 +36,8 @@ from core.dist import all_reduce_sum_, broadcast_
 from core.hookspecs import hookimpl
 from core.interfaces import Quantizer, QuantizerConfig, QuantizerOutput
 from plugins.quantizers._common import (
-    SEARCH_BUDGET, cluster_sums, code_counts, gather_codes, kmeans, nearest_code, straight_through, usage_metrics,
+    SEARCH_BUDGET, cluster_sums, code_counts, entropy, gather_codes, kmeans, nearest_code, straight_through,
+    usage_metrics,
 )
 
 
@@ -43,6 +53,9 @@ class _CodebookConfig(QuantizerConfig):
     dead_code_threshold: float = Field(0.0, ge=0)  # restart codes whose EMA batch count drops below this; 0: off
     usage_decay: float = Field(0.99, gt=0, lt=1)  # decay of the EMA batch count used by dead-code restart
     search_budget: int = Field(SEARCH_BUDGET, ge=1)  # max floats in one (rows x codes) similarity block
+    entropy_weight: float = Field(0.0, ge=0)  # weight of the entropy term (UniTok ``le``); 0: off, not computed
+    entropy_temperature: float = Field(0.01, gt=0)  # T of the entropy loss's softmax (UniTok ``e_temp``)
+    codebook_entropy_log_eps: float = Field(1e-7, ge=0)  # log(pbar + eps) in H_cb (UniTok: 1e-7); 0: exact
 
 
 class VQConfig(_CodebookConfig):
@@ -103,6 +116,15 @@ class MCQ(Quantizer):
     def _metric(self) -> str:
         return "dot" if self.cfg.distance == "cosine" else "euclidean"
 
+    def _entropy(self, x: Tensor, codes: Tensor) -> Tensor:
+        """UniTok's entropy loss: x ``(n, M, d)``, codes ``(n, K, d)`` -> mean over n of H_ps - H_cb."""
+        sq = (x.pow(2).sum(-1, keepdim=True) + codes.pow(2).sum(-1).unsqueeze(1)).float()
+        logits = torch.baddbmm(sq, x.float(), codes.float().transpose(1, 2), alpha=-2).mul(-1 / self.cfg.entropy_temperature)
+        p, logp = logits.softmax(-1), logits.log_softmax(-1)
+        h_ps = -(p * logp).sum(-1).mean(-1)  # (n,)
+        h_cb = entropy(p.mean(1), self.cfg.codebook_entropy_log_eps)  # (n,)
+        return (h_ps - h_cb).mean()
+
     @torch.no_grad()
     def _kmeans_init(self, x: Tensor) -> None:
         cb = kmeans(x, self.cfg.codebook_size, self.cfg.kmeans_iters, self._metric(), self.cfg.search_budget)
@@ -153,6 +175,8 @@ class MCQ(Quantizer):
         losses = {"commitment": F.mse_loss(x, q.detach())}
         if cfg.codebook_update == "gradient":
             losses["codebook"] = F.mse_loss(q, x.detach())
+        if cfg.entropy_weight > 0:
+            losses["entropy"] = self._entropy(x, codes)
         counts = code_counts(idx.t(), cfg.codebook_size)
         if self.training:
             if cfg.codebook_update == "ema":
@@ -163,9 +187,12 @@ class MCQ(Quantizer):
         return QuantizerOutput(out, idx.t().reshape(*z.shape[:-1], cfg.n_codebooks), losses, usage_metrics(counts))
 
     def loss_weights(self) -> dict[str, float]:
-        if self.cfg.codebook_update == "ema":
-            return {"commitment": self.cfg.commitment}
-        return {"commitment": self.cfg.commitment, "codebook": 1.0}
+        weights = {"commitment": self.cfg.commitment}
+        if self.cfg.codebook_update == "gradient":
+            weights["codebook"] = 1.0
+        if self.cfg.entropy_weight > 0:
+            weights["entropy"] = self.cfg.entropy_weight
+        return weights
 
     def indices_to_codes(self, indices: Tensor) -> Tensor:
         n = self.cfg.n_codebooks
