@@ -247,6 +247,10 @@ class Loss(Component, nn.Module):
         """Loss for the aux module (outputs are detached); key ``total`` is minimised; None skips."""
         return None
 
+    def before_aux_step(self, optimizer: torch.optim.Optimizer, step: int) -> None:
+        """Called after the aux loss's backward (gradients all-reduced), before ``optimizer.step()``:
+        set this step's learning rate, clip gradients. Default: nothing."""
+
 
 # --------------------------------------------------------------------------------------------
 # Evaluator and Dataset

@@ -446,6 +446,7 @@ def train(exp: Any, reg: Registry | None = None, *, built: Built | None = None, 
                         aopt.zero_grad(set_to_none=True)
                         aout["total"].backward()
                         dist.all_reduce_grads_([p for g in aopt.param_groups for p in g["params"]])
+                        losses[i].before_aux_step(aopt, step)
                         aopt.step()
                         for k, v in aout.items():
                             acc.setdefault(f"aux/{built.labels[i]}/{k}", []).append(v.detach().float())

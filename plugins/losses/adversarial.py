@@ -2,21 +2,44 @@
 
 - D: hinge loss ``mean(relu(1 - D(x))) + mean(relu(1 + D(x_hat)))`` (+ optional LeCAM).
 - G: ``-mean D(x_hat)`` times the adaptive weight of VQGAN (Esser et al. 2021, eq. 7)
-  ``lambda = ||grad_L L_rec|| / (||grad_L L_G|| + 1e-4)`` at the decoder's last layer L, clamped to
-  [0.015, 1e4] (UniTok), where ``L_rec`` is the sum of the weighted terms of the losses named in
-  ``adaptive_from`` already computed this step (``outputs["loss_terms"]``). The loss weight
-  (UniTok: 0.4), start step and warm-up ramp come from the common schedule; D trains from
-  ``start_step`` on.
+  ``lambda = ||grad_L L_rec|| / (||grad_L L_G|| + adaptive_eps)`` at the decoder's last layer L,
+  clamped to [0.015, 1e4] (UniTok), where ``L_rec`` is the sum of the weighted terms of the losses
+  named in ``adaptive_from`` already computed this step (``outputs["loss_terms"]``). The loss weight
+  (UniTok: 0.4), start step and warm-up ramp (UniTok: 3% of training) come from the common
+  schedule; D trains from ``start_step`` on.
 - Discriminators: ``patchgan`` (VQGAN's N-layer PatchGAN) or ``dino`` (UniTok: frozen DINOv2-S
   features from timm, weights read from a local file, with trainable per-level token heads).
 - Optional DiffAugment (Zhao et al. 2020; colour, translation, cutout) on both real and fake inputs,
-  LeCAM regularisation (Tseng et al. 2021) against EMAs of D's outputs, and bCR (UniTok: 4.0).
+  a Gaussian blur of D's inputs that fades out after ``start_step``, LeCAM regularisation (Tseng
+  et al. 2021) against EMAs of D's outputs, and bCR (UniTok: 4.0).
+- D's AdamW has its own learning-rate schedule (linear warm-up from 0, then constant or cosine),
+  weight decay on its weight matrices only, and gradient clipping, applied in
+  :meth:`AdversarialLoss.before_aux_step`, which the trainer calls before each D step.
+
+What follows UniTok's public code (FoundationVision/UniTok), each an option:
+``adaptive_eps`` 1e-6 (``trainer.py`` ``Trainer.train_step``; VQGAN: 1e-4); DiffAug = translation,
+colour, cutout of 0.2 each applied with probability 1 (``utils/diffaug.py`` ``DiffAug.aug``,
+``disc_aug_prob 1``); the blur fade-in: sigma = sqrt(H / 2) x (1 - (s - start) / blur_fade_steps),
+kernel ``2^(-(t / sigma)^2)`` over |t| <= floor(3 sigma), reflect padding (``DiffAug.aug``,
+``fade_blur_schedule`` in ``main.py`` ``train_one_ep``: 2 x the 3% D warm-up); bCR on ``T(x)``
+without the DiffAug view (``Trainer.train_step``: ``bcr_strong_aug``, cutout 0.2); D's optimizer
+(``utils/optimizer.py`` ``build_optimizer('dis')``: AdamW betas (0.5, 0.9), eps 1e-6, lr 2e-5,
+weight decay 0.2 except on 1-d parameters, clip 10) and schedule (``main.py`` ``disc_schedule`` with
+``utils/scheduler.py`` ``LRScheduler``: warm-up from 0 over 3% of training after the D start, then
+cosine to 0.1x at the end of training); the DINO heads (``models/discrim.py`` ``DinoDiscV2`` built by
+``models/__init__.py`` ``build_discriminator``: blocks 0, 2, 5, 8, 11; per block a head Conv1d(k=1)
+-> GroupNorm(32, eps 1e-6) -> LeakyReLU(0.2), then a residual Conv1d(k=9, circular) -> GroupNorm ->
+LeakyReLU scaled by 1/sqrt(2), then Conv1d(C, 1, k=1), on patch tokens plus the class token;
+inputs cropped at random or area-resized (1/2 each) to 252 px for 256-px images; conv weights
+xavier-normal gain 0.5, ``init_weights``). ``dino_head: mlp`` / ``dino_resize: bilinear`` keep vtok's
+earlier head (LayerNorm -> Linear -> LeakyReLU -> Linear per patch token) and bilinear resize.
 
 Terms: ``generator`` (adaptive weight included), and diagnostics with weight 0:
 ``adaptive_weight``, ``logits_fake``.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Literal, Optional
 
 import torch
@@ -38,20 +61,34 @@ class AdversarialConfig(LossConfig):
     n_layers: int = Field(3, ge=1)  # patchgan: stride-2 layers
     dino_model: str = "vit_small_patch14_dinov2"  # dino: timm model name
     dino_weights: Optional[str] = None  # dino: local weights file (required for dino)
-    dino_resolution: int = Field(224, gt=0)  # dino: images are resized to this before the backbone
-    dino_layers: list[int] = Field(default_factory=lambda: [2, 5, 8, 11])  # dino: blocks whose tokens D reads
+    dino_resolution: int = Field(252, gt=0)  # dino: backbone input size (UniTok: 256 // 14 * 14 = 252)
+    dino_resize: Literal["crop_or_area", "bilinear"] = "crop_or_area"  # random crop / area resize (UniTok) or bilinear
+    dino_layers: list[int] = Field(default_factory=lambda: [0, 2, 5, 8, 11])  # dino: blocks whose tokens D reads
+    dino_head: Literal["conv", "mlp"] = "conv"  # UniTok's Conv1d/GroupNorm heads, or vtok's per-token MLP
+    dino_kernel_size: int = Field(9, ge=1)  # dino conv head: kernel of the residual Conv1d (UniTok: 9)
+    dino_class_token: bool = True  # dino: add the class token to every patch token (UniTok)
     adaptive: bool = True  # VQGAN adaptive weight (else 1)
     adaptive_from: list[str] = Field(default_factory=lambda: ["pixel", "perceptual"])  # loss types forming L_rec
     adaptive_min: float = Field(0.015, ge=0)  # clamp of the adaptive weight (UniTok: 0.015)
     adaptive_max: float = Field(1e4, gt=0)  # (UniTok: 1e4)
-    diffaug: list[Aug] = Field(default_factory=list)  # DiffAugment policies, e.g. [color, translation]
+    adaptive_eps: float = Field(1e-6, ge=0)  # added to ||grad L_G|| (UniTok: 1e-6; VQGAN: 1e-4)
+    diffaug: list[Aug] = Field(default_factory=list)  # DiffAugment policies in order (UniTok: translation, color, cutout)
+    cutout_ratio: float = Field(0.2, gt=0, le=1)  # cutout hole side / image side (UniTok: 0.2; DiffAugment: 0.5)
+    blur_fade_steps: int = Field(0, ge=0)  # blur of D's inputs fading to 0 over this many steps after start_step (0: off)
     lecam: float = Field(0.0, ge=0)  # LeCAM regularisation weight (0: off)
     lecam_decay: float = Field(0.99, gt=0, lt=1)  # EMA decay of D's mean outputs for LeCAM
     bcr: float = Field(0.0, ge=0)  # balanced consistency regularisation weight (UniTok: 4.0; 0: off)
-    bcr_policies: list[Aug] = Field(default_factory=lambda: ["translation", "cutout"])  # bCR's augmentations
+    bcr_policies: list[Aug] = Field(default_factory=lambda: ["translation", "color", "cutout"])  # bCR's T (UniTok)
+    bcr_on_diffaug: bool = False  # bCR view D(T(x)) (UniTok) or T on top of the DiffAug view
     d_lr: float = Field(2e-5, gt=0)  # discriminator AdamW learning rate (UniTok)
     d_betas: tuple[float, float] = (0.5, 0.9)  # discriminator AdamW betas (UniTok)
-    d_weight_decay: float = Field(0.0, ge=0)  # discriminator AdamW weight decay
+    d_eps: float = Field(1e-6, gt=0)  # discriminator AdamW eps (UniTok)
+    d_weight_decay: float = Field(0.2, ge=0)  # discriminator AdamW weight decay, not on 1-d parameters (UniTok)
+    d_grad_clip: Optional[float] = Field(10.0, gt=0)  # clip of D's gradient norm (UniTok: 10); null: off
+    d_warmup_steps: int = Field(0, ge=0)  # D's lr rises linearly from 0 over this many steps after start_step
+    d_schedule: Literal["constant", "cosine"] = "constant"  # D's lr after warm-up (UniTok: cosine)
+    d_decay_steps: int = Field(0, ge=0)  # cosine: steps from start_step to the end of training
+    d_min_lr_ratio: float = Field(0.1, ge=0, le=1)  # cosine: final lr / d_lr (UniTok: 0.1)
 
     @model_validator(mode="after")
     def _dino_weights_present(self) -> "AdversarialConfig":
@@ -59,6 +96,9 @@ class AdversarialConfig(LossConfig):
             if self.dino_weights is None:
                 raise ValueError(f"discriminator 'dino' needs dino_weights: a local {self.dino_model} weights file")
             require_file(self.dino_weights, f"dino_weights ({self.dino_model} weights)")
+        if self.d_schedule == "cosine" and self.d_decay_steps <= self.d_warmup_steps:
+            raise ValueError(f"d_schedule cosine needs d_decay_steps > d_warmup_steps ({self.d_warmup_steps}): "
+                             "the steps from start_step to the end of training")
         return self
 
 
@@ -94,21 +134,62 @@ class PatchGAN(nn.Module):
         return self.net(x).flatten(1)
 
 
-class DinoDiscriminator(nn.Module):
-    """Frozen DINOv2 ViT; trainable per-level token heads (LN -> Linear -> LeakyReLU -> Linear)."""
+def _conv_block(dim: int, kernel: int) -> nn.Sequential:
+    """UniTok's ``make_block`` with GroupNorm: Conv1d (circular padding) -> GroupNorm(32) -> LeakyReLU(0.2)."""
+    return nn.Sequential(nn.Conv1d(dim, dim, kernel, padding=kernel // 2, padding_mode="circular"),
+                         nn.GroupNorm(math.gcd(32, dim), dim, eps=1e-6), nn.LeakyReLU(0.2))
 
-    def __init__(self, model: str, weights: str, resolution: int, layers: list[int]) -> None:
+
+class ConvTokenHead(nn.Module):
+    """UniTok's DINO head on tokens ``(B, L, C)``: block(k=1), residual block(k) / sqrt(2), Conv1d(C, 1)."""
+
+    def __init__(self, dim: int, kernel: int) -> None:
+        super().__init__()
+        self.inp, self.res, self.out = _conv_block(dim, 1), _conv_block(dim, kernel), nn.Conv1d(dim, 1, 1)
+        for m in self.modules():  # UniTok init_weights(disc, -0.5): xavier-normal gain 0.5, zero bias
+            if isinstance(m, nn.Conv1d):
+                nn.init.xavier_normal_(m.weight, gain=0.5)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        h = self.inp(tokens.transpose(1, 2))
+        h = (self.res(h) + h) / math.sqrt(2)
+        return self.out(h).flatten(1)
+
+
+def dino_input(x: Tensor, size: int, mode: str) -> Tensor:
+    """Images ``(B, 3, H, W)`` -> ``size`` x ``size``. ``crop_or_area`` (UniTok ``DinoDiscV2.forward``):
+    when larger, one random crop for the batch or an area resize, 1/2 each; else bicubic."""
+    if mode == "bilinear":
+        return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    h, w = x.shape[-2:]
+    if h > size and w > size:
+        if torch.rand(()).item() <= 0.5:  # CPU generator: no device sync
+            top, left = (int(torch.randint(n - size + 1, ())) for n in (h, w))
+            return x[..., top:top + size, left:left + size]
+        return F.interpolate(x, size=(size, size), mode="area")
+    return F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
+
+
+class DinoDiscriminator(nn.Module):
+    """Frozen DINOv2 ViT; trainable per-level token heads (UniTok's conv heads, or vtok's MLP)."""
+
+    def __init__(self, model: str, weights: str, resolution: int, layers: list[int], head: str = "conv",
+                 kernel: int = 9, class_token: bool = True, resize: str = "crop_or_area") -> None:
         super().__init__()
         self.backbone = load_timm_local(model, weights, img_size=resolution, num_classes=0)
         self.backbone.eval().requires_grad_(False)
-        self.resolution, self.layers = resolution, list(layers)
+        self.resolution, self.layers, self.class_token, self.resize = resolution, list(layers), class_token, resize
         dim = self.backbone.embed_dim
         cfg = self.backbone.pretrained_cfg
         self.register_buffer("mean", torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406))).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(cfg.get("std", (0.229, 0.224, 0.225))).view(1, 3, 1, 1), persistent=False)
-        self.heads = nn.ModuleList(
-            nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.LeakyReLU(0.2), nn.Linear(dim, 1)) for _ in layers
-        )
+        if head == "conv":
+            self.heads = nn.ModuleList(ConvTokenHead(dim, kernel) for _ in layers)
+        else:
+            self.heads = nn.ModuleList(
+                nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.LeakyReLU(0.2), nn.Linear(dim, 1)) for _ in layers
+            )
 
     def train(self, mode: bool = True) -> "DinoDiscriminator":
         super().train(mode)
@@ -116,20 +197,40 @@ class DinoDiscriminator(nn.Module):
         return self
 
     def forward(self, x: Tensor) -> Tensor:
-        x = F.interpolate((x + 1) / 2, size=(self.resolution,) * 2, mode="bilinear", align_corners=False)
-        feats = self.backbone.forward_intermediates((x - self.mean) / self.std, indices=self.layers,
-                                                    intermediates_only=True, output_fmt="NLC")
-        return torch.cat([h(f).flatten(1) for h, f in zip(self.heads, feats)], dim=1)
+        x = dino_input(((x.float() + 1) / 2 - self.mean) / self.std, self.resolution, self.resize)
+        feats = self.backbone.forward_intermediates(x, indices=self.layers, return_prefix_tokens=True,
+                                                    intermediates_only=True, output_fmt="NLC", norm=False)
+        out = []
+        for head, (patches, prefix) in zip(self.heads, feats):
+            tokens = patches.float() + prefix[:, :1].float() if self.class_token else patches.float()
+            out.append(head(tokens).flatten(1))
+        return torch.cat(out, dim=1)
 
 
 # ---- DiffAugment (written afresh; same transform for a whole batch call) ---------------------
 
 
-def diff_augment(x: Tensor, policies: list[str]) -> Tensor:
-    """Differentiable augmentations of images in [-1, 1] (Zhao et al. 2020)."""
+def diff_augment(x: Tensor, policies: list[str], cutout_ratio: float = 0.2) -> Tensor:
+    """Differentiable augmentations of images in [-1, 1] (Zhao et al. 2020), in the listed order."""
     for p in policies:
-        x = _AUGS[p](x)
+        x = _cutout(x, cutout_ratio) if p == "cutout" else _AUGS[p](x)
     return x
+
+
+def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
+    """UniTok's fade-in blur (``DiffAug.aug``): separable kernel ``2^(-(t / sigma)^2)`` normalised, over
+    |t| <= floor(3 sigma) (no blur below 1 pixel), reflect padding; float32."""
+    x = x.float()
+    radius = min(math.floor(3 * sigma), min(x.shape[-2:]) - 1)
+    if sigma <= 0 or radius < 1:
+        return x
+    t = torch.arange(-radius, radius + 1, dtype=torch.float32, device=x.device)
+    k = torch.exp2(-(t / sigma).square())
+    k = k / k.sum()
+    c = x.shape[1]
+    x = F.pad(x, [radius] * 4, mode="reflect")
+    x = F.conv2d(x, k.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
+    return F.conv2d(x, k.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
 
 
 def _color(x: Tensor) -> Tensor:
@@ -154,7 +255,7 @@ def _translation(x: Tensor, ratio: float = 0.125) -> Tensor:
     return padded.permute(0, 2, 3, 1)[bi, ys[:, :, None] + 1, xs[:, None, :] + 1].permute(0, 3, 1, 2)
 
 
-def _cutout(x: Tensor, ratio: float = 0.5) -> Tensor:
+def _cutout(x: Tensor, ratio: float = 0.2) -> Tensor:
     b, _, h, w = x.shape
     ch, cw = int(h * ratio + 0.5), int(w * ratio + 0.5)
     y0 = torch.randint(0, h, (b, 1, 1), device=x.device) - ch // 2  # hole centre anywhere, clipped
@@ -176,11 +277,34 @@ def hinge_d_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
     return F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean()
 
 
-def adaptive_weight(rec: Tensor, gen: Tensor, last_layer: Tensor, lo: float, hi: float) -> Tensor:
-    """VQGAN eq. 7: ``||d rec / d W|| / (||d gen / d W|| + 1e-4)`` clamped to [lo, hi], detached."""
+def adaptive_weight(rec: Tensor, gen: Tensor, last_layer: Tensor, lo: float, hi: float, eps: float = 1e-6) -> Tensor:
+    """VQGAN eq. 7: ``||d rec / d W|| / (||d gen / d W|| + eps)`` clamped to [lo, hi], detached
+    (eps: UniTok 1e-6, VQGAN 1e-4)."""
     g_rec = torch.autograd.grad(rec, last_layer, retain_graph=True)[0]
     g_gen = torch.autograd.grad(gen, last_layer, retain_graph=True)[0]
-    return (g_rec.norm() / (g_gen.norm() + 1e-4)).clamp(lo, hi).detach()
+    return (g_rec.norm() / (g_gen.norm() + eps)).clamp(lo, hi).detach()
+
+
+def d_lr_factor(step: int, cfg: "AdversarialConfig") -> float:
+    """D's learning rate / ``d_lr`` at ``step`` (UniTok ``LRScheduler.step`` on ``step - start_step``):
+    0 before the start, linear warm-up from 0, then 1 or a cosine to ``d_min_lr_ratio`` at the end."""
+    s = step - cfg.start_step
+    if s < 0:
+        return 0.0
+    if s < cfg.d_warmup_steps:
+        return s / cfg.d_warmup_steps
+    if cfg.d_schedule == "constant":
+        return 1.0
+    past = min(1.0, (s - cfg.d_warmup_steps) / max(1, cfg.d_decay_steps - cfg.d_warmup_steps - 1))
+    return cfg.d_min_lr_ratio + (1 - cfg.d_min_lr_ratio) * (0.5 + 0.5 * math.cos(math.pi * past))
+
+
+def blur_sigma(step: int, cfg: "AdversarialConfig", size: int) -> float:
+    """UniTok's fade-in: sigma = sqrt(size / 2) x (1 - (step - start) / blur_fade_steps), 0 when off or done."""
+    if cfg.blur_fade_steps <= 0 or step < cfg.start_step:
+        return 0.0
+    fade = 1.0 - min(1.0, (step - cfg.start_step) / cfg.blur_fade_steps)
+    return math.sqrt(size * 0.5) * fade if fade >= 1e-6 else 0.0
 
 
 class AdversarialLoss(Loss):
@@ -193,14 +317,19 @@ class AdversarialLoss(Loss):
         super().__init__()
         self.cfg = cfg
         if cfg.discriminator == "dino":
-            self.discriminator: nn.Module = DinoDiscriminator(cfg.dino_model, cfg.dino_weights, cfg.dino_resolution, cfg.dino_layers)
+            self.discriminator: nn.Module = DinoDiscriminator(
+                cfg.dino_model, cfg.dino_weights, cfg.dino_resolution, cfg.dino_layers, cfg.dino_head,
+                cfg.dino_kernel_size, cfg.dino_class_token, cfg.dino_resize)
         else:
             self.discriminator = PatchGAN(cfg.width, cfg.n_layers)
         self.register_buffer("ema_real", torch.zeros(()))  # LeCAM anchors
         self.register_buffer("ema_fake", torch.zeros(()))
 
-    def _d(self, x: Tensor) -> Tensor:
-        return self.discriminator(diff_augment(x, self.cfg.diffaug)).float()
+    def _d(self, x: Tensor, step: int = -1) -> Tensor:
+        """D on the blurred (fade-in), DiffAugmented view of x."""
+        sigma = blur_sigma(step, self.cfg, x.shape[-2])
+        x = gaussian_blur(x, sigma) if sigma > 0 else x
+        return self.discriminator(diff_augment(x, self.cfg.diffaug, self.cfg.cutout_ratio)).float()
 
     def _rec_loss(self, outputs: dict[str, Any]) -> Optional[Tensor]:
         # the trainer labels repeated loss types "pixel0", "pixel1": match on the type
@@ -217,7 +346,7 @@ class AdversarialLoss(Loss):
         try:  # the generator step must not fill the discriminator's .grad
             for p in params:
                 p.requires_grad_(False)
-            logits_fake = self._d(recon)
+            logits_fake = self._d(recon, step)
         finally:
             for p in params:
                 p.requires_grad_(True)
@@ -225,7 +354,8 @@ class AdversarialLoss(Loss):
         rec = self._rec_loss(outputs)
         weight = gen.new_ones(())
         if self.cfg.adaptive and rec is not None and gen.requires_grad and torch.is_grad_enabled():
-            weight = adaptive_weight(rec, gen, outputs["last_layer"], self.cfg.adaptive_min, self.cfg.adaptive_max)
+            weight = adaptive_weight(rec, gen, outputs["last_layer"], self.cfg.adaptive_min, self.cfg.adaptive_max,
+                                     self.cfg.adaptive_eps)
         return {"generator": weight * gen, "adaptive_weight": weight.detach(), "logits_fake": logits_fake.detach().mean()}
 
     def term_weights(self) -> dict[str, float]:
@@ -237,13 +367,26 @@ class AdversarialLoss(Loss):
         return [p for p in self.discriminator.parameters() if id(p) not in frozen]
 
     def aux_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(params, lr=self.cfg.d_lr, betas=self.cfg.d_betas, weight_decay=self.cfg.d_weight_decay)
+        """AdamW; weight decay on parameters with 2+ dims only (UniTok ``partition_param_groups``)."""
+        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": self.cfg.d_weight_decay},
+                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+        return torch.optim.AdamW([g for g in groups if g["params"]], lr=self.cfg.d_lr, betas=self.cfg.d_betas,
+                                 eps=self.cfg.d_eps)
+
+    def before_aux_step(self, optimizer: torch.optim.Optimizer, step: int) -> None:
+        """Called by the trainer between D's backward and ``optimizer.step()``: D's learning rate for
+        this step (warm-up + schedule, stateless) and the gradient clip."""
+        lr = self.cfg.d_lr * d_lr_factor(step, self.cfg)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        if self.cfg.d_grad_clip:
+            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], self.cfg.d_grad_clip)
 
     def aux_loss(self, batch: dict[str, Any], outputs: dict[str, Any], step: int) -> Optional[dict[str, Tensor]]:
         if step < self.cfg.start_step:
             return None
         real, fake = outputs["images"].detach(), outputs["recon"].detach()
-        lr_, lf = self._d(real), self._d(fake)
+        lr_, lf = self._d(real, step), self._d(fake, step)
         hinge = hinge_d_loss(lr_, lf)
         out = {"hinge": hinge, "logits_real": lr_.detach().mean(), "logits_fake": lf.detach().mean()}
         total = hinge
@@ -258,8 +401,11 @@ class AdversarialLoss(Loss):
 
     def _bcr(self, real: Tensor, fake: Tensor, logits_real: Tensor, logits_fake: Tensor) -> Tensor:
         """bCR (Zhao et al. 2021): ``mean((D(T(x)) - D(x))^2) + mean((D(T(x_hat)) - D(x_hat))^2)``,
-        T = ``bcr_policies`` (applied on top of the DiffAug view D already saw)."""
-        aug = lambda x: self._d(diff_augment(x, self.cfg.bcr_policies))  # noqa: E731
+        T = ``bcr_policies`` on the raw image, no blur (UniTok), or on top of the DiffAug view
+        (``bcr_on_diffaug``); D(x) is the view the hinge loss saw."""
+        def aug(x: Tensor) -> Tensor:
+            x = diff_augment(x, self.cfg.bcr_policies, self.cfg.cutout_ratio)
+            return self._d(x) if self.cfg.bcr_on_diffaug else self.discriminator(x).float()
         return (aug(real) - logits_real).pow(2).mean() + (aug(fake) - logits_fake).pow(2).mean()
 
     def _lecam(self, logits_real: Tensor, logits_fake: Tensor) -> Tensor:
