@@ -255,6 +255,12 @@ def test_full_config_gan_section_is_the_official_recipe(tmp_path):
     assert gan.bcr == 4.0 and gan.diffaug == ["translation", "color", "cutout"] and gan.cutout_ratio == 0.2
     assert gan.d_weight_decay == 0.2 and gan.adaptive_eps == 1e-6 and gan.weight == 0.4
     assert gan.dino_layers == [0, 2, 5, 8, 11] and gan.dino_resolution == 252 and gan.dino_head == "conv"
+    # the generator's adversarial weight: 0 before the start, then 0.4 x (s - start + 1) / 1831 up to 0.4
+    # (UniTok: 0.4 x (s - start) / (0.03 x steps); one step apart)
+    from types import SimpleNamespace
+
+    sched = lambda s: AdversarialLoss.schedule(SimpleNamespace(cfg=gan), s)  # noqa: E731
+    assert sched(22887) == 0.0 and sched(22888 + 915) == pytest.approx(0.4 * 916 / 1831) and sched(10**5) == 0.4
 
 
 def test_cosine_without_horizon_is_a_config_error():

@@ -71,7 +71,8 @@ class BSQConfig(QuantizerConfig):
         if self.codebook_entropy == "grouped" and self.code_dim % self.entropy_group_size:
             raise ValueError(f"entropy_group_size {self.entropy_group_size} does not divide code_dim {self.code_dim}")
         if self.codebook_entropy == "grouped" and self.entropy_group_size > 24:
-            raise ValueError(f"entropy_group_size {self.entropy_group_size} holds 2^{self.entropy_group_size} probabilities per group; at most 24")
+            g = self.entropy_group_size
+            raise ValueError(f"entropy_group_size {g} holds 2^{g} probabilities per group; at most 24")
         if self.codebook_entropy == "exact" and self.code_dim > 24:
             raise ValueError(f"codebook_entropy=exact holds 2^{self.code_dim} probabilities; use 'grouped' above 24 bits")
         return self
