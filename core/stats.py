@@ -473,6 +473,10 @@ def _p(p: float) -> str:
     return "n/a" if p is None or math.isnan(p) else (f"{p:.2g}" if p >= 1e-4 else "<1e-4")
 
 
+def _too_few(a: Values, b: Values, cells: Sequence[str]) -> str:
+    return f"needs 2 seeds per cell ({cells[0]}: {len(a)}, {cells[1]}: {len(b)})"
+
+
 def _design_name(design: Optional[Design]) -> str:
     return "fixed seeds" if design is None else design.describe()
 
@@ -485,7 +489,7 @@ def better(a: Values, b: Values, *, higher_is_better: bool = True, design: Optio
                       e.mean, (math.nan, math.nan), 1.0 - alpha, math.nan, INCONCLUSIVE, alpha=alpha,
                       design=_design_name(design), diffs=e.diffs)
     if not e.test:
-        res.note = f"needs 2 seeds per cell, has {e.n}"
+        res.note = _too_few(a, b, cells)
         return res
     res.ci = interval(e, design, alpha)
     res.p = repeated_p(t_stat(e.mean, e.se), e.df, e.n, design)
@@ -511,7 +515,7 @@ def matches(a: Values, b: Values, tolerance: float, *, design: Optional[Design] 
                       (math.nan, math.nan), 1.0 - 2.0 * alpha, math.nan, INCONCLUSIVE, alpha=alpha,
                       design=_design_name(design), tolerance=tolerance, note=note, diffs=e.diffs)
     if not e.test:
-        res.note = "; ".join(x for x in (note, f"needs 2 seeds per cell, has {e.n}") if x)
+        res.note = "; ".join(x for x in (note, _too_few(a, b, cells)) if x)
         return res
     if not (math.isfinite(tolerance) and tolerance > 0):
         res.note = "; ".join(x for x in (note, "no usable tolerance") if x)
