@@ -116,6 +116,7 @@ def check_paper(paper: Paper, labels: list[str]) -> None:
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
+    values = list(values.values()) if isinstance(values, dict) else values  # {seed: value}
     if not values:
         return math.nan, math.nan
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else math.nan)

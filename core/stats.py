@@ -448,6 +448,14 @@ class ClaimResult:
     diffs: dict[str, float] = field(default_factory=dict)  # paired: seed -> a - b
     pairs: list["ClaimResult"] = field(default_factory=list)  # order: one better-claim per neighbour pair
 
+    def open_pairs(self) -> list[tuple[str, str]]:
+        """Cell pairs whose comparison is still undecided (where more seeds would help); [] once decided."""
+        if self.verdict != INCONCLUSIVE:
+            return []
+        if self.kind == "order":
+            return [(pr.cells[0], pr.cells[1]) for pr in self.pairs if pr.verdict == INCONCLUSIVE]
+        return [(self.cells[0], self.cells[1])]
+
     def to_json(self) -> dict[str, Any]:
         return _clean(asdict(self))
 
@@ -487,6 +495,23 @@ def _too_few(a: Values, b: Values, cells: Sequence[str]) -> str:
     return f"needs 2 seeds per cell ({cells[0]}: {len(a)}, {cells[1]}: {len(b)})"
 
 
+def _beyond_design(res: ClaimResult, design: Optional[Design]) -> None:
+    if design is not None and res.seeds_needed is not None and res.seeds_needed > design.max_seeds:
+        res.note = "; ".join(x for x in (res.note, f"more than the design's {design.max_seeds} seeds") if x)
+
+
+def mean_interval(values: Values, alpha: float = ALPHA) -> tuple[float, float, float]:
+    """(mean, low, high): a cell's mean over seeds with its (1 - alpha) t interval (nan bounds below 2 seeds)."""
+    x = np.array(list(values.values()) if isinstance(values, Mapping) else list(values), dtype=float)
+    if len(x) == 0:
+        return math.nan, math.nan, math.nan
+    m = float(x.mean())
+    if len(x) < 2:
+        return m, math.nan, math.nan
+    half = float(st.t.isf(alpha / 2.0, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
+    return m, m - half, m + half
+
+
 def _design_name(design: Optional[Design]) -> str:
     return "fixed seeds" if design is None else design.describe()
 
@@ -512,6 +537,7 @@ def better(a: Values, b: Values, *, higher_is_better: bool = True, design: Optio
         res.verdict = FAILS
     if res.verdict == INCONCLUSIVE:
         res.seeds_needed = seeds_needed(e.mean, e.spread, alpha, welch=e.test == "Welch t")
+        _beyond_design(res, design)
     return res
 
 
@@ -546,6 +572,7 @@ def matches(a: Values, b: Values, tolerance: float, *, design: Optional[Design] 
         res.verdict = FAILS
     if res.verdict == INCONCLUSIVE:
         res.seeds_needed = seeds_needed(e.mean, e.spread, alpha, margin=tolerance, welch=e.test == "Welch t")
+        _beyond_design(res, design)
     return res
 
 

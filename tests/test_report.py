@@ -112,3 +112,11 @@ def test_report_without_a_study_is_one_clear_error(tmp_path, monkeypatch, capsys
     err = capsys.readouterr().err
     assert err.startswith("error: sweep.storage: no study storage at") and len(err.splitlines()) == 1
     assert not (tmp_path / "optuna_journal.log").exists()
+
+
+def test_render_accepts_seed_maps():
+    p = paper([{"better": "a", "than": "b", "metric": "acc"}], metrics={"acc": "higher"})
+    values = {"a": {"acc": {0: 80.0, 1: 82.0}}, "b": {"acc": {0: 70.0, 1: 72.5}}}
+    md, verdicts = render("t", p, values, ["b", "a"], [], {"wall_s": 1.0, "busy_s": 1.0, "runs": 4})
+    assert "| b | 2 | 71.25 ± 1.77 |" in md and "| a | 2 | 81.00 ± 1.41 |" in md  # means of values, not of seeds
+    assert verdicts[0][4].test == "paired t" and verdicts[0][4].diffs == {"0": 10.0, "1": 9.5}

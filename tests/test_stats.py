@@ -297,3 +297,23 @@ def test_simulated_sweeps_decide_a_one_sd_effect(spending, case, at_least, seeds
           f"mean seeds {used.mean():.2f} (decided sweeps {used[verdict != 0].mean():.2f})")
     assert rate >= at_least and np.mean(verdict == -1) < 0.005
     assert used.mean() <= seeds_at_most
+
+
+def test_open_pairs_and_cell_intervals():
+    steady = [{s: 10.0 * k + 0.1 * (-1) ** s for s in range(4)} for k in range(3)]
+    noisy = {s: 10.5 + (3.0 if s % 2 else -3.0) for s in range(4)}
+    assert S.order(steady, cells=["a", "b", "c"]).open_pairs() == []
+    r = S.order([steady[0], steady[1], noisy], cells=["a", "b", "c"])
+    assert r.verdict == S.INCONCLUSIVE and r.open_pairs() == [("c", "b")]
+    assert S.better(noisy, steady[1], cells=("c", "b")).open_pairs() == [("c", "b")]
+    # mean +- t interval by hand: [1, 2, 3] -> 2 -+ t_{0.975, 2} * 1 / sqrt 3
+    m, lo, hi = S.mean_interval({0: 1.0, 1: 2.0, 2: 3.0})
+    half = math.sqrt(1.805 / 0.0975) / math.sqrt(3)
+    assert (m, lo, hi) == pytest.approx((2.0, 2.0 - half, 2.0 + half))
+    assert math.isnan(S.mean_interval([5.0])[1])
+
+
+def test_seeds_needed_beyond_the_design_is_said():
+    a = {s: 0.3 * (-1) ** s + 0.1 for s in range(6)}
+    r = S.better(a, {s: 0.0 for s in range(6)}, design=DESIGN)
+    assert r.verdict == S.INCONCLUSIVE and r.seeds_needed > 12 and "more than the design's 12 seeds" in r.detail()
