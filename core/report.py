@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from core import stats
 from core.errors import ConfigError
-from core.stats import FAILS, HOLDS, INCONCLUSIVE
+from core.stats import FAILS, HOLDS, INCONCLUSIVE  # noqa: F401 (the verdicts, re-exported)
 
 LOWER_IS_BETTER = ("fd", "fid", "lpips", "loss", "mse", "error")
 

@@ -192,7 +192,7 @@ def test_design_helpers():
     # a design with a single look at its maximum is the fixed-sample test, uncalibrated
     one = S.Design(6, 6)
     assert S.critical_t(6, 5, one) == pytest.approx(S.critical_t(6, 5, None), rel=1e-6)
-    r_fixed, r_one = S.better({s: s * 0.7 % 1 for s in range(6)}, {s: 0.2 for s in range(6)}), None
+    r_fixed = S.better({s: s * 0.7 % 1 for s in range(6)}, {s: 0.2 for s in range(6)})
     r_one = S.better({s: s * 0.7 % 1 for s in range(6)}, {s: 0.2 for s in range(6)}, design=one)
     assert r_one.ci == pytest.approx(r_fixed.ci, rel=1e-6) and r_one.p == pytest.approx(r_fixed.p, rel=1e-3)
 
