@@ -9,17 +9,20 @@ verdict per claim — and writes it with a bar plot into the sweep's parent MLfl
       source: UniTok Table 8
       metrics: {zero_shot_top1: higher, fd_refnet: lower}   # ours to show, and which way is better
       figures: {1x16384: {rFID: 1.50, zero-shot: 41.0}, ...} # the paper's numbers per cell
-      threshold: 1.0      # |margin| in pooled standard deviations needed for a verdict
+      alpha: 0.05         # error rate of a verdict (two-sided)
       claims:
         - {text: more sub-codebooks help, order: [1x16384, 2x8192, 4x4096, 8x2048], metric: zero_shot_top1}
         - {better: both, than: recon, metric: fd_refnet}
-        - {matches: both, with: contrastive, metric: zero_shot_top1, within: 1.0}
+        - {matches: both, with: contrastive, metric: zero_shot_top1, tolerance: 0.5}  # metric units
 
-Verdicts: the margin is (mean_a - mean_b) / pooled std, signed so that positive favours the
-claim. ``better``: holds when margin >= threshold, does not hold when <= -threshold, else
-inconclusive. ``order``: every consecutive pair is a ``better`` claim; holds when all hold, does not
-hold when any does not. ``matches``: a is not worse than b by more than ``within`` pooled stds.
-With fewer than two seeds on a side there is no spread to measure: inconclusive.
+Verdicts (``core.stats``): a claim is judged on the per-seed differences metric(a, s) - metric(b, s)
+over the seeds both cells ran (paired t; Welch's t when they share fewer than two seeds), with the
+mean difference in the metric's units, its 95% interval and a p-value. ``better``: holds when the
+interval lies on the claimed side of 0, does not hold when on the other, else inconclusive.
+``order``: every neighbouring pair a ``better`` claim, Holm-corrected. ``matches``: equivalence
+within ±``tolerance`` by two one-sided tests (no tolerance: ``within`` pooled seed standard
+deviations, estimated from the seeds, and the detail says so). A sweep with a seed range is judged
+with the group-sequential design of ``core.stats`` (repeated intervals, valid at every look).
 """
 from __future__ import annotations
 
@@ -32,9 +35,10 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from core import stats
 from core.errors import ConfigError
+from core.stats import FAILS, HOLDS, INCONCLUSIVE  # noqa: F401 (the verdicts, re-exported)
 
-HOLDS, FAILS, INCONCLUSIVE = "holds", "does not hold", "inconclusive"
 LOWER_IS_BETTER = ("fd", "fid", "lpips", "loss", "mse", "error")
 
 
@@ -52,8 +56,9 @@ class Claim(Strict):
     than: Optional[str] = None  # ... than this cell
     order: Optional[list[str]] = None  # cells from worst to best
     matches: Optional[str] = None  # cell claimed to match ...
-    with_: Optional[str] = Field(None, alias="with")  # ... this cell (not worse by more than `within`)
-    within: float = Field(1.0, ge=0)  # matches: tolerated deficit in pooled stds
+    with_: Optional[str] = Field(None, alias="with")  # ... this cell (equal within ±tolerance)
+    tolerance: Optional[float] = Field(None, gt=0)  # matches: equivalence margin in the metric's units (TOST)
+    within: float = Field(1.0, gt=0)  # matches without tolerance: margin in pooled seed stds (estimated)
 
     @model_validator(mode="after")
     def _one_kind(self) -> "Claim":
@@ -78,7 +83,7 @@ class Paper(Strict):
     note: str = ""  # how our setting differs from the paper's
     metrics: dict[str, Literal["higher", "lower"]] = Field(default_factory=dict)  # ours to show -> better direction
     figures: dict[str, dict[str, Union[float, str, None]]] = Field(default_factory=dict)  # cell -> paper metric -> value
-    threshold: float = Field(1.0, gt=0)  # pooled stds for a verdict
+    alpha: float = Field(stats.ALPHA, gt=0, lt=0.5)  # error rate of a verdict (two-sided)
     claims: list[Claim] = Field(default_factory=list)
 
 
@@ -111,6 +116,7 @@ def check_paper(paper: Paper, labels: list[str]) -> None:
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
+    values = list(values.values()) if isinstance(values, dict) else values  # {seed: value}
     if not values:
         return math.nan, math.nan
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else math.nan)
@@ -124,27 +130,6 @@ def pooled_std(a: list[float], b: list[float]) -> float:
     return math.sqrt(((na - 1) * statistics.variance(a) + (nb - 1) * statistics.variance(b)) / (na + nb - 2))
 
 
-def margin(a: list[float], b: list[float], higher_better: bool) -> float:
-    """(mean a - mean b) / pooled std, positive when a is better; nan without spread (n < 2)."""
-    s = pooled_std(a, b)
-    if math.isnan(s):
-        return math.nan
-    diff = (statistics.fmean(a) - statistics.fmean(b)) * (1 if higher_better else -1)
-    if s == 0:
-        return 0.0 if diff == 0 else math.copysign(math.inf, diff)
-    return diff / s
-
-
-def better_verdict(m: float, threshold: float) -> str:
-    if math.isnan(m):
-        return INCONCLUSIVE
-    if m >= threshold:
-        return HOLDS
-    if m <= -threshold:
-        return FAILS
-    return INCONCLUSIVE
-
-
 def higher_is_better(metric: str, paper: Paper, claim: Claim | None = None) -> bool:
     if claim is not None and claim.direction:
         return claim.direction == "higher"
@@ -153,29 +138,33 @@ def higher_is_better(metric: str, paper: Paper, claim: Claim | None = None) -> b
     return not any(tag in metric.lower() for tag in LOWER_IS_BETTER)
 
 
-def judge(claim: Claim, values: dict[str, dict[str, list[float]]], paper: Paper) -> tuple[str, float, str]:
-    """(verdict, margin in pooled stds, detail) for one claim; ``values[cell][metric]`` lists seeds."""
+def judge_claim(claim: Claim, values: dict[str, dict[str, Any]], paper: Paper,
+                design: stats.Design | None = None) -> stats.ClaimResult:
+    """One claim judged by ``core.stats``; ``values[cell][metric]`` is {seed: value} (paired) or a list."""
     hb = higher_is_better(claim.metric, paper, claim)
+    kw = dict(design=design, alpha=paper.alpha, statement=claim.text or _claim_text(claim), metric=claim.metric)
 
-    def seeds(cell: str) -> list[float]:
+    def seeds(cell: str) -> Any:
         return values.get(cell, {}).get(claim.metric, [])
 
-    missing = [c for c in claim.cells() if not seeds(c)]
-    if missing:
-        return INCONCLUSIVE, math.nan, f"no results for {', '.join(missing)}"
     if claim.better is not None:
-        m = margin(seeds(claim.better), seeds(claim.than), hb)
-        return better_verdict(m, paper.threshold), m, f"{claim.better} vs {claim.than}"
+        return stats.better(seeds(claim.better), seeds(claim.than), higher_is_better=hb, cells=(claim.better, claim.than), **kw)
     if claim.matches is not None:
-        m = margin(seeds(claim.matches), seeds(claim.with_), hb)
-        verdict = INCONCLUSIVE if math.isnan(m) else (HOLDS if m >= -claim.within else FAILS)
-        return verdict, m, f"{claim.matches} vs {claim.with_} (tolerance {claim.within:g})"
-    pairs = list(zip(claim.order[:-1], claim.order[1:]))
-    ms = [margin(seeds(hi), seeds(lo), hb) for lo, hi in pairs]
-    verdicts = [better_verdict(m, paper.threshold) for m in ms]
-    verdict = FAILS if FAILS in verdicts else (HOLDS if all(v == HOLDS for v in verdicts) else INCONCLUSIVE)
-    detail = "; ".join(f"{hi}>{lo}: {_fmt_margin(m)}" for (lo, hi), m in zip(pairs, ms))
-    return verdict, min(ms), detail
+        a, b = seeds(claim.matches), seeds(claim.with_)
+        tol, note = claim.tolerance, ""
+        if tol is None:
+            tol = claim.within * pooled_std(*(list(v.values()) if isinstance(v, dict) else list(v) for v in (a, b)))
+            note = f"no tolerance declared: {claim.within:g} pooled seed std = {tol:.3g}, estimated from these seeds"
+        return stats.matches(a, b, tol, direction="higher" if hb else "lower", cells=(claim.matches, claim.with_),
+                             note=note, **kw)
+    return stats.order([seeds(c) for c in claim.order], higher_is_better=hb, cells=claim.order, **kw)
+
+
+def judge(claim: Claim, values: dict[str, dict[str, Any]], paper: Paper,
+          design: stats.Design | None = None) -> tuple[str, float, str]:
+    """(verdict, mean difference a - b in the metric's units, detail) for one claim."""
+    res = judge_claim(claim, values, paper, design)
+    return res.verdict, res.mean_diff, res.detail()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -223,7 +212,7 @@ def _fmt(m: float, s: float) -> str:
 
 
 def _fmt_margin(m: float) -> str:
-    return "n/a" if math.isnan(m) else (f"{m:+.1f}" if math.isfinite(m) else ("+inf" if m > 0 else "-inf"))
+    return "n/a" if math.isnan(m) else (f"{m:+.3g}" if math.isfinite(m) else ("+inf" if m > 0 else "-inf"))
 
 
 def shown_metrics(values: dict[str, dict[str, list[float]]], paper: Paper, objective: str | None) -> list[str]:
@@ -237,7 +226,8 @@ def shown_metrics(values: dict[str, dict[str, list[float]]], paper: Paper, objec
 
 
 def render(title: str, paper: Paper, values: dict[str, dict[str, list[float]]], order: list[str], failed: list[dict[str, Any]],
-           timing: dict[str, Any], header: str = "", objective: str | None = None) -> tuple[str, list[tuple[Claim, str, float, str]]]:
+           timing: dict[str, Any], header: str = "", objective: str | None = None,
+           design: stats.Design | None = None) -> tuple[str, list[tuple[Claim, str, float, str, stats.ClaimResult]]]:
     cells = [c for c in order if c in values] + [c for c in values if c not in order]
     metrics = shown_metrics(values, paper, objective)
     paper_cols = list(dict.fromkeys(k for f in paper.figures.values() for k in f))
@@ -262,11 +252,12 @@ def render(title: str, paper: Paper, values: dict[str, dict[str, list[float]]], 
             lines.append("| " + " | ".join([c, "0"] + ["–"] * len(metrics) + [_paper_value(paper.figures[c].get(p)) for p in paper_cols]) + " |")
     verdicts = []
     if paper.claims:
-        lines += ["", f"## Claims (margin in pooled standard deviations; a verdict needs |margin| ≥ {paper.threshold:g})", "",
-                  "| claim | metric | verdict | margin | detail |", "|---|---|---|---|---|"]
+        lines += ["", f"## Claims (a − b: mean difference in the metric's units; verdicts at error rate {paper.alpha:g})", "",
+                  "| claim | metric | verdict | a − b | detail |", "|---|---|---|---|---|"]
         for claim in paper.claims:
-            verdict, m, detail = judge(claim, values, paper)
-            verdicts.append((claim, verdict, m, detail))
+            res = judge_claim(claim, values, paper, design)
+            verdict, m, detail = res.verdict, res.mean_diff, res.detail()
+            verdicts.append((claim, verdict, m, detail, res))
             text = claim.text or _claim_text(claim)
             lines.append(f"| {text} | {claim.metric} | **{verdict}** | {_fmt_margin(m)} | {detail} |")
     if failed:
@@ -342,7 +333,8 @@ def build_report(raw: dict[str, Any], exp: Any) -> tuple[str, dict[str, Any]]:
         params = {f"#{t.number}": t.params for t in study.get_trials(deepcopy=False) if f"#{t.number}" in values}
         header += "\n\n" + "\n".join(f"- {c}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                           for k, v in params[c].items()) for c in order)
-    md, verdicts = render(exp.name, paper, values, order, failed, timing, header, sw.objective.metric)
+    md, verdicts = render(exp.name, paper, values, order, failed, timing, header, sw.objective.metric,
+                          design=stats.design_for(sw.seeds))
     parent = study.user_attrs.get(sweep.STUDY_PARENT)
     return md, {"values": values, "order": order, "paper": paper, "parent": parent, "verdicts": verdicts,
                 "metrics": shown_metrics(values, paper, sw.objective.metric)}
@@ -378,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         client = MlflowClient(tracking_uri=resolve_uri(exp.tracking.uri))
         client.log_artifact(info["parent"], str(md_path), "report")
         client.log_artifact(info["parent"], str(png), "report")
-        for i, (claim, verdict, m, _) in enumerate(info["verdicts"]):
+        for i, (claim, verdict, m, *_) in enumerate(info["verdicts"]):
             client.set_tag(info["parent"], f"vtok.claim.{i}", f"{verdict} ({_fmt_margin(m)}): {claim.text or _claim_text(claim)}")
     attached = info["parent"] and exp.tracking.enabled and not args.no_mlflow
     print(f"written: {md_path}, {png}" + (f"; attached to MLflow run {info['parent']}" if attached else ""), file=sys.stderr)

@@ -1,4 +1,4 @@
-"""core.report: pooled-std margins and claim verdicts on synthetic metric values."""
+"""core.report: claim verdicts (core.stats tests) on synthetic metric values, and the rendered report."""
 from __future__ import annotations
 
 import math
@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 
 from core.errors import ConfigError
-from core.report import (FAILS, HOLDS, INCONCLUSIVE, Claim, check_paper, judge, margin, parse_paper, pooled_std,
-                         render)
+from core.report import FAILS, HOLDS, INCONCLUSIVE, Claim, check_paper, judge, judge_claim, parse_paper, pooled_std, render
 
 
 def paper(claims, **kw):
@@ -19,8 +18,6 @@ def test_pooled_std_by_hand():
     # a: mean 2, sample var 1; b: mean 5, sample var 4 -> pooled var (2*1 + 2*4) / 4 = 2.5
     a, b = [1.0, 2.0, 3.0], [3.0, 5.0, 7.0]
     assert pooled_std(a, b) == pytest.approx(math.sqrt(2.5))
-    assert margin(b, a, higher_better=True) == pytest.approx(3 / math.sqrt(2.5))
-    assert margin(b, a, higher_better=False) == pytest.approx(-3 / math.sqrt(2.5))
     assert math.isnan(pooled_std([1.0], a))
 
 
@@ -29,11 +26,24 @@ def test_better_claim_holds_fails_inconclusive():
               "same": {"acc": [80.5, 81.5, 80.0]}, "one": {"acc": [90.0]}}
     p = paper([])
     assert judge(Claim(better="good", than="bad", metric="acc"), values, p)[0] == HOLDS
-    verdict, m, _ = judge(Claim(better="bad", than="good", metric="acc"), values, p)
-    assert verdict == FAILS and m == pytest.approx(-10.0)  # diff 10, pooled std 1
+    verdict, m, detail = judge(Claim(better="bad", than="good", metric="acc"), values, p)
+    assert verdict == FAILS and m == pytest.approx(-10.0)  # in the metric's units
+    assert detail.startswith("Welch t, 3 seeds")  # lists: the seeds are unknown, so unpaired
     assert judge(Claim(better="good", than="same", metric="acc"), values, p)[0] == INCONCLUSIVE
     assert judge(Claim(better="one", than="bad", metric="acc"), values, p)[0] == INCONCLUSIVE  # one seed: no spread
     assert judge(Claim(better="good", than="missing", metric="acc"), values, p)[0] == INCONCLUSIVE
+
+
+def test_better_claim_pairs_seeds():
+    # a large seed-to-seed spread shared by both cells: unpaired it hides a steady +1 difference
+    a, b = {0: 10.0, 1: 20.0, 2: 30.0}, {0: 9.0, 1: 19.1, 2: 28.9}
+    p = paper([])
+    res = judge_claim(Claim(better="a", than="b", metric="m"), {"a": {"m": a}, "b": {"m": b}}, p)
+    assert (res.test, res.n, res.verdict) == ("paired t", 3, HOLDS)
+    assert res.mean_diff == pytest.approx(1.0) and res.diffs == {"0": 1.0, "1": pytest.approx(0.9), "2": pytest.approx(1.1)}
+    unpaired = judge_claim(Claim(better="a", than="b", metric="m"), {"a": {"m": list(a.values())}, "b": {"m": list(b.values())}}, p)
+    assert (unpaired.test, unpaired.verdict) == ("Welch t", INCONCLUSIVE)
+    assert unpaired.seeds_needed is not None and unpaired.seeds_needed > 3
 
 
 def test_direction_lower_is_better_for_fd():
@@ -50,17 +60,23 @@ def test_order_claim_needs_every_step():
     p = paper([])
     assert judge(Claim(order=["1", "2", "4"], metric="m"), values, p)[0] == HOLDS
     verdict, m, detail = judge(Claim(order=["1", "2", "4", "8"], metric="m"), values, p)
-    assert verdict == INCONCLUSIVE and m == pytest.approx(0.0) and "8>4" in detail
+    assert verdict == INCONCLUSIVE and m == pytest.approx(0.0) and "8 vs 4" in detail and "Holm" in detail
     assert judge(Claim(order=["4", "2", "1"], metric="m"), values, p)[0] == FAILS
 
 
 def test_matches_claim_tolerance():
+    # Welch: difference -1, s.e. sqrt(2/3), 4 df -> 90% interval -1 -+ 2.132 * 0.8165 = [-2.74, 0.74]
     values = {"both": {"m": [50.0, 51.0, 52.0]}, "ctr": {"m": [51.0, 52.0, 53.0]}, "low": {"m": [40.0, 41.0, 42.0]}}
     p = paper([])
-    verdict, m, _ = judge(Claim(matches="both", with_="ctr", metric="m", within=1.0), values, p)
-    assert verdict == HOLDS and m == pytest.approx(-1.0)
-    assert judge(Claim(matches="both", with_="ctr", metric="m", within=0.5), values, p)[0] == FAILS
-    assert judge(Claim.model_validate({"matches": "low", "with": "ctr", "metric": "m"}), values, p)[0] == FAILS
+    verdict, m, detail = judge(Claim(matches="both", with_="ctr", metric="m", tolerance=3.0), values, p)
+    assert verdict == HOLDS and m == pytest.approx(-1.0) and "TOST (Welch t)" in detail and "(90% CI)" in detail
+    assert judge(Claim(matches="both", with_="ctr", metric="m", tolerance=0.5), values, p)[0] == INCONCLUSIVE
+    # no tolerance: within x pooled std (here 1 x 1.0), and the detail says so
+    verdict, _, detail = judge(Claim.model_validate({"matches": "low", "with": "ctr", "metric": "m"}), values, p)
+    assert verdict == FAILS and "no tolerance declared: 1 pooled seed std = 1" in detail
+    paired = {"both": {"m": {0: 50.0, 1: 51.0, 2: 52.0}}, "ctr": {"m": {0: 51.0, 1: 52.1, 2: 52.9}}}
+    assert judge(Claim(matches="both", with_="ctr", metric="m", tolerance=1.5), paired, p)[0] == HOLDS
+    assert judge(Claim(matches="both", with_="ctr", metric="m", tolerance=0.5), paired, p)[0] == FAILS
 
 
 def test_claim_shape_errors_name_the_path():
@@ -81,9 +97,9 @@ def test_render_puts_paper_figures_beside_ours_and_verdicts():
     md, verdicts = render("t", p, values, ["b", "a"], [], {"wall_s": 120.0, "busy_s": 240.0, "runs": 4})
     rows = [line for line in md.splitlines() if line.startswith("| b |") or line.startswith("| a |")]
     assert rows == ["| b | 2 | 71.00 ± 1.41 | 41.0 |", "| a | 2 | 81.00 ± 1.41 | 46.1 |"]
-    assert "| a beats b | acc | **holds** | +7.1 |" in md
+    assert "| a beats b | acc | **holds** | +10 | Welch t, 2 seeds: +10 [3.92, 16.1] (95% CI), p = 0.019 |" in md
     assert "wall time 2.0 min" in md
-    assert verdicts[0][1] == HOLDS
+    assert verdicts[0][1] == HOLDS and verdicts[0][4].to_json()["verdict"] == HOLDS
 
 
 def test_report_without_a_study_is_one_clear_error(tmp_path, monkeypatch, capsys):
@@ -96,3 +112,11 @@ def test_report_without_a_study_is_one_clear_error(tmp_path, monkeypatch, capsys
     err = capsys.readouterr().err
     assert err.startswith("error: sweep.storage: no study storage at") and len(err.splitlines()) == 1
     assert not (tmp_path / "optuna_journal.log").exists()
+
+
+def test_render_accepts_seed_maps():
+    p = paper([{"better": "a", "than": "b", "metric": "acc"}], metrics={"acc": "higher"})
+    values = {"a": {"acc": {0: 80.0, 1: 82.0}}, "b": {"acc": {0: 70.0, 1: 72.5}}}
+    md, verdicts = render("t", p, values, ["b", "a"], [], {"wall_s": 1.0, "busy_s": 1.0, "runs": 4})
+    assert "| b | 2 | 71.25 ± 1.77 |" in md and "| a | 2 | 81.00 ± 1.41 |" in md  # means of values, not of seeds
+    assert verdicts[0][4].test == "paired t" and verdicts[0][4].diffs == {"0": 10.0, "1": 9.5}
