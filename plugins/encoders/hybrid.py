@@ -12,6 +12,13 @@ Two ways to build it:
 - otherwise the same layout from timm's ViTamin building blocks at any width and any power-of-two
   ``downsample`` >= 4: Stem (stride 2), ``log2(downsample) - 2`` MbConv stages (stride 2 each), a
   strided conv (stride 2) to ``width``, then timm Blocks -- small enough for a CPU.
+
+Both follow UniTok's encoder (FoundationVision/UniTok ``models/unitok.py``, ``UniTok.__init__``):
+GeGLU gated by the tanh GELU (``gelu: tanh``) and stochastic depth ``drop_path`` (0.1 there) over
+the transformer blocks; the MbConv stages have neither (as in ViTamin). The encoder keeps timm's
+initialisation (UniTok does not re-initialise it). UniTok's encoder also holds a frozen all-zero
+``pos_embed`` of shape (1, 1, width) that adds nothing; vtok has no such tensor
+(``python -m core.convert`` checks it is zero and drops it).
 """
 from __future__ import annotations
 
@@ -23,7 +30,7 @@ from torch import Tensor, nn
 from core.hookspecs import hookimpl
 from core.interfaces import Encoder, EncoderConfig
 from plugins.encoders.conv import log2_exact
-from plugins.encoders.vit import PosEmbed, PositionalEmbedding, TransformerFields, transformer_blocks
+from plugins.encoders.vit import GELU_LAYER, PosEmbed, PositionalEmbedding, TransformerFields, transformer_blocks
 from plugins.final_activation import FinalActivation, make_final_activation
 
 # short names used in the papers' configs -> timm model names (img_size is passed separately)
@@ -100,7 +107,8 @@ class TimmViTamin(nn.Module):
 
         name = TIMM_ALIASES.get(cfg.timm_model, cfg.timm_model)
         self.model = timm.create_model(name, pretrained=False, img_size=image_size, num_classes=0,
-                                       global_pool="", pos_embed=cfg.pos_embed, class_token=False)
+                                       global_pool="", pos_embed=cfg.pos_embed, class_token=False,
+                                       act_layer=GELU_LAYER[cfg.gelu], drop_path_rate=cfg.drop_path)
         self.width = self.model.embed_dim
 
     def forward(self, images: Tensor) -> Tensor:
