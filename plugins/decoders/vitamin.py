@@ -20,7 +20,7 @@ when ``in_dim`` differs a Linear maps it (not in the official model). Stochastic
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Optional
 
 from pydantic import Field, model_validator
 from timm.layers import LayerNorm2d, LayerNormAct2d, make_divisible
@@ -51,6 +51,8 @@ class ViTaminDecoderConfig(ComponentConfig, TransformerFields):
     def _check_stages(self) -> "ViTaminDecoderConfig":
         if len(self.stage_widths) != len(self.stage_depths):
             raise ValueError(f"stage_widths ({len(self.stage_widths)}) and stage_depths ({len(self.stage_depths)}) need one entry per stage")
+        if not self.stage_widths:
+            raise ValueError("needs at least one MbConv stage (downsample >= 8)")
         if any(w <= 0 for w in self.stage_widths) or any(d <= 0 for d in self.stage_depths):
             raise ValueError("stage_widths and stage_depths must be positive")
         return self
@@ -136,6 +138,22 @@ class ViTaminDecoder(Decoder):
     @property
     def last_layer(self) -> Tensor:
         return self.inv_stem.conv2.weight
+
+    def unitok_state_names(self) -> dict[str, Optional[str]]:
+        """UniTok ``ViTaminDecoder`` state-dict name -> own (``python -m core.convert``):
+        ``up_conv1`` is ``upsample``, ``up_conv2, 3, ...`` are ``stages.0, 1, ...``, ``up_conv4`` is
+        ``inv_stem``; the blocks and the norm keep their names."""
+        names: dict[str, Optional[str]] = {}
+        n = len(self.cfg.stage_widths)
+        for key in self.state_dict():
+            head, rest = key.split(".", 1)
+            if head == "stages":
+                s, rest = rest.split(".", 1)
+                head = f"up_conv{2 + int(s)}"
+            else:
+                head = {"upsample": "up_conv1", "inv_stem": f"up_conv{2 + n}"}.get(head, head)
+            names[f"{head}.{rest}"] = key
+        return names
 
 
 @hookimpl

@@ -139,6 +139,30 @@ class HybridEncoder(Encoder):
         grid = (images.shape[-2] // self.downsample, images.shape[-1] // self.downsample)
         return self.final_activation(self.head(self.trunk(images))), grid
 
+    def unitok_state_names(self) -> dict[str, Optional[str]]:
+        """UniTok encoder (a timm ViTamin) state-dict name -> own (``python -m core.convert``).
+        UniTok's frozen all-zero ``pos_embed`` maps to None (no counterpart). A head (out_dim !=
+        width) or a learned positional embedding has no official counterpart and stays unmapped."""
+        names: dict[str, Optional[str]] = {"pos_embed": None}
+        for key in self.state_dict():
+            if key.startswith("trunk.model."):
+                names[key.removeprefix("trunk.model.")] = key
+            elif key.startswith("trunk.stem."):
+                names[self._official_conv_name(key.removeprefix("trunk.stem."))] = key
+            elif key.startswith(("trunk.blocks.", "trunk.norm.")):
+                names[key.removeprefix("trunk.")] = key
+        return names
+
+    def _official_conv_name(self, key: str) -> str:
+        """Index in the own conv Sequential (stem, MbConv blocks stage by stage, strided conv) -> timm's nesting."""
+        i, rest = key.split(".", 1)
+        i, depth, n_blocks = int(i), self.cfg.conv_depth, self.cfg.conv_depth * len(self.cfg.mults())
+        if i == 0:
+            return f"patch_embed.backbone.stem.{rest}"
+        if i <= n_blocks:
+            return f"patch_embed.backbone.stages.{(i - 1) // depth}.{(i - 1) % depth}.{rest}"
+        return f"patch_embed.backbone.pool.{rest}"
+
 
 class _OwnTrunk(nn.Module):
     """conv part -> tokens -> positional embedding -> blocks -> LayerNorm (the layout timm's ViTamin has)."""

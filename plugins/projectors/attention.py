@@ -88,6 +88,10 @@ class HeadAveragingAttention(nn.Module):
         return self.proj(o)
 
 
+#: UniTok's AttnProjection submodule -> this projector's (``python -m core.convert``)
+UNITOK_NAMES = {"norm1": "norm_attn", "norm3": "norm_linear", "proj": "linear", "norm2": "norm_mlp", "attn": "attn", "mlp": "mlp"}
+
+
 class AttentionProjector(Projector):
     """UniTok attention projection: Linear(LN x) + Attn(LN x), then + GeGLU-MLP(LN x) (MLP with its own LN)."""
 
@@ -108,6 +112,16 @@ class AttentionProjector(Projector):
     def forward(self, x: Tensor) -> Tensor:
         x = self.linear(self.norm_linear(x)) + self.attn(self.norm_attn(x))
         return x + self.mlp(self.norm_mlp(x))
+
+    def unitok_state_names(self) -> dict[str, Optional[str]]:
+        """UniTok state-dict name -> own (None: the official constant zero k-bias buffer)."""
+        official = {own: off for off, own in UNITOK_NAMES.items()}
+        names: dict[str, Optional[str]] = {}
+        for key in self.state_dict():
+            head, rest = key.split(".", 1)
+            names[f"{official[head]}.{rest}"] = key
+        names["attn.zero_k_bias"] = None
+        return names
 
 
 @hookimpl
