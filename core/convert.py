@@ -3,6 +3,9 @@
     python -m core.convert unitok_tokenizer.pth --config experiments/full/unitok_vitamin_large.yaml \\
                            --out runs/unitok_official [key=value ...]
 
+(add ``losses=[]`` when the training losses' weight files -- LPIPS, DINO -- are not on this machine:
+the run directory's config must validate wherever it is loaded.)
+
 The checkpoint is FoundationVision/UniTok's (``torch.load``-able, read with ``weights_only``): the
 ``UniTok`` state dict itself, or the training checkpoint holding it under ``trainer.unitok`` (what
 its ``inference.py`` loads). ``--config`` is the vtok experiment whose ``model`` has the same layout
@@ -178,7 +181,7 @@ def write_run(out: Path, exp: Any, sd: dict[str, Tensor], source: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parser().parse_intermixed_args(argv)  # overrides may follow the options
     try:
         from core.config import load_experiment
         from core.model import Tokenizer

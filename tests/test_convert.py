@@ -209,10 +209,19 @@ def test_cli_writes_a_run_tokenize_and_teachers_accept(tmp_path, capsys):
 
     official = official_state(distinct=False)
     out = tmp_path / "run"
-    assert main([str(_write_checkpoint(tmp_path, official)), "--config", str(_write_config(tmp_path)), "--out", str(out)]) == 0
+    cfg = _write_config(tmp_path)
+    assert main([str(_write_checkpoint(tmp_path, official)), "--config", str(cfg), "--out", str(out), "losses=[]", "seed=3"]) == 0
     exp, model = load_for_inference(str(out))
+    assert exp.seed == 3  # the overrides reach the run's config
     torch.testing.assert_close(model.decoder.inv_stem.conv2.weight, official["decoder.up_conv4.conv2.weight"])
     torch.testing.assert_close(model.quantizer.codebook[0], official["quantizer.codebooks.0.codebook.weight"])
+    from plugins.losses.distill import TeacherConfig, build_teacher
+
+    teacher = build_teacher(TeacherConfig(path=str(out)))  # a distillation teacher: the CLIP image embedding
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        want = model.clip_head(model.project_out(model.project_in(model.encoder(x)[0])))
+        torch.testing.assert_close(teacher(x), want)
     tokens = tmp_path / "tokens.safetensors"
     assert tokenize_main(["--run", str(out), "--out", str(tokens), "--limit", "4", "--batch-size", "4"]) == 0
     from safetensors.torch import load_file
