@@ -128,15 +128,17 @@ def check(official: dict[str, Tensor], model: Any) -> dict[str, Target]:
 
 
 def convert_state(official: dict[str, Tensor], model: Any) -> dict[str, Tensor]:
-    """vtok state dict (of ``model``) holding the official tensors; raises ConfigError on a mismatch."""
+    """Copy the official tensors into ``model`` (in place: no second copy of a 0.8B-parameter model)
+    and return its state dict; raises ConfigError on a mismatch, before anything is copied."""
     mapping = check(official, model)
-    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    for key, target in mapping.items():
-        if target is None or key not in official:
-            continue
-        vtok_key, index = target
-        dst = sd[vtok_key] if index is None else sd[vtok_key][index]
-        dst.copy_(official[key].to(dst.dtype))
+    sd = model.state_dict()
+    with torch.no_grad():
+        for key, target in mapping.items():
+            if target is None or key not in official:
+                continue
+            vtok_key, index = target
+            dst = sd[vtok_key] if index is None else sd[vtok_key][index]
+            dst.copy_(official[key].to(dst.dtype))
     return sd
 
 
