@@ -167,19 +167,13 @@ class OfficialAttnProjection(torch.nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-#: official parameter name -> vtok's (the same table python -m core.convert uses, see test_convert.py)
-OFFICIAL_TO_VTOK = {"norm1": "norm_attn", "norm3": "norm_linear", "proj": "linear", "norm2": "norm_mlp",
-                    "attn": "attn", "mlp": "mlp"}
-
-
 def copy_official_into_vtok(official: torch.nn.Module, p: AttentionProjector) -> None:
-    own = p.state_dict()
-    with torch.no_grad():
-        for name, t in official.state_dict().items():
-            if name == "attn.zero_k_bias":
-                continue
-            head, rest = name.split(".", 1)
-            own[f"{OFFICIAL_TO_VTOK[head]}.{rest}"].copy_(t)
+    """Through the projector's own name table (the one python -m core.convert uses)."""
+    names = p.unitok_state_names()
+    sd = official.state_dict()
+    assert set(names) == set(sd)
+    p.load_state_dict({names[k]: v for k, v in sd.items() if names[k] is not None})
+    assert names["attn.zero_k_bias"] is None and not sd["attn.zero_k_bias"].any()
 
 
 @pytest.mark.parametrize("in_dim,out_dim", [(64, 8), (8, 64), (1024, 64), (64, 1024)])
