@@ -50,11 +50,11 @@ class TextTower(nn.Module):
 
 
 class ClipImageHead(nn.Module):
-    """mean over tokens -> LayerNorm -> Linear -> l2-normalise (UniTok's image head)."""
+    """mean over tokens -> LayerNorm (eps 1e-6, UniTok's ``fc_norm``) -> Linear -> l2-normalise (UniTok's image head)."""
 
     def __init__(self, in_dim: int, embed_dim: int) -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(in_dim)
+        self.norm = nn.LayerNorm(in_dim, eps=1e-6)
         self.proj = nn.Linear(in_dim, embed_dim)
 
     def forward(self, tokens: Tensor) -> Tensor:

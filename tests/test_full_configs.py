@@ -50,15 +50,27 @@ def test_unitok_vitamin_large(tmp_path):
     assert exp.data.image_size == 256 and model.grid == (16, 16)
     q = model.quantizer
     assert q.codes_per_token == 8 and q.bits_per_token == 96 and q.codebook_sizes == [4096] * 8
-    assert 320e6 < counts["encoder"] < 345e6  # ViTamin-L: ~333M
-    assert 120e6 < counts["text"] < 127e6  # CLIP-L text tower (width 768, 12 layers): ~123.7M
-    assert 3.0e6 < counts["pre_projector"] < 3.5e6  # qkv Linear(1024, 3 * 1024) dominates
-    assert counts["quantizer"] == 8 * 4096 * 8
-    assert 300e6 < counts["decoder"] < 380e6  # the mirror of the encoder
+    # the official model's counts (FoundationVision/UniTok models/unitok.py UniTok(args) with the
+    # utils/config.py defaults + launch.sh: vitamin_large, vocab 32768 / 8 codebooks, width 64,
+    # text 768 x 12, embed_dim 768), counted from its architecture definitions. The encoder's count
+    # leaves out its frozen all-zero pos_embed (1, 1, 1024), which vtok does not have.
+    assert counts["encoder"] == 332_330_912  # ViTamin-L trunk (timm vitamin_large_256)
+    assert counts["pre_projector"] == 3_246_784  # AttnProjection(1024, 64, 16 heads)
+    assert counts["quantizer"] == 8 * 4096 * 8  # 262,144: 8 codebooks of 4096 x 8
+    assert counts["post_projector"] == 7_615_744  # AttnProjection(64, 1024, 16 heads)
+    assert counts["decoder"] == 352_402_531  # ViTaminDecoder('vitamin_large'), depths (4, 2)
+    assert counts["text"] == 123_650_304  # open_clip text tower 768 wide, 12 layers, 12 heads
+    assert counts["clip_head"] == 2 * 1024 + 1024 * 768 + 768  # fc_norm + projection: 789,248
+    assert counts["total"] == 820_297_668  # + logit_scale
+    assert type(model.decoder).__name__ == "ViTaminDecoder" and len(model.decoder.blocks) == 31
+    dpr = [b.drop_path1.drop_prob for b in model.decoder.blocks[1:]]
+    assert dpr[-1] == pytest.approx(0.1) and dpr[0] == pytest.approx(0.1 / 30)  # timm's linear rule
     assert model.pre_projector.attn.heads == 16 and model.pre_projector.attn.average
     assert model.post_projector.attn.heads == 16 and not model.post_projector.attn.average
     vit = model.encoder.trunk.model  # timm vitamin_large: no pos-embed, no class token, 31 blocks
     assert vit.pos_embed is None and vit.cls_token is None and len(vit.blocks) == 31 and vit.embed_dim == 1024
+    assert vit.blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)  # UniTok's drop_path 0.1
+    assert type(vit.blocks[0].mlp.act).__name__ == "GELUTanh"  # UniTok's GeGluMlp gates with tanh GELU
     with torch.device("meta"):
         tokens, grid = model.encoder(torch.empty(1, 3, 256, 256))
     assert grid == (16, 16) and tokens.shape == (1, 256, 1024)

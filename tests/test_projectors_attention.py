@@ -52,15 +52,17 @@ def reference(p: AttentionProjector, x: torch.Tensor, causal: bool) -> torch.Ten
     attn = o @ a.proj.weight.T + a.proj.bias
     y = ln(p.norm_linear, x) @ p.linear.weight.T + p.linear.bias + attn
     m = p.mlp
-    hm = ln(m.norm, y)
-    return y + (F.gelu(hm @ m.w0.weight.T + m.w0.bias) * (hm @ m.w1.weight.T + m.w1.bias)) @ m.w2.weight.T + m.w2.bias
+    hm = ln(m.norm, ln(p.norm_mlp, y))  # the block's LN, then the GeGLU MLP's own LN
+    gelu = F.gelu(hm @ m.w0.weight.T + m.w0.bias, approximate="tanh" if p.cfg.gelu == "tanh" else "none")
+    return y + (gelu * (hm @ m.w1.weight.T + m.w1.bias)) @ m.w2.weight.T + m.w2.bias
 
 
 @pytest.mark.parametrize("in_dim,out_dim,heads", [(12, 4, None), (4, 12, None), (4, 8, 4), (6, 6, 2)])
 @pytest.mark.parametrize("causal", [False, True])
-def test_matches_reference(in_dim, out_dim, heads, causal):
+@pytest.mark.parametrize("gelu", ["tanh", "exact"])
+def test_matches_reference(in_dim, out_dim, heads, causal, gelu):
     torch.manual_seed(0)
-    p = AttentionProjector(AttentionConfig(heads=heads, causal=causal), in_dim=in_dim, out_dim=out_dim)
+    p = AttentionProjector(AttentionConfig(heads=heads, causal=causal, gelu=gelu), in_dim=in_dim, out_dim=out_dim)
     _randomize(p)
     x = torch.randn(2, 5, in_dim)
     y = p(x)
@@ -109,3 +111,110 @@ def test_gradients_reach_every_parameter():
 def test_bad_widths_are_config_errors(in_dim, out_dim, heads):
     with pytest.raises(ConfigError):
         AttentionProjector(AttentionConfig(heads=heads), in_dim=in_dim, out_dim=out_dim)
+
+
+# ---- the official layout (FoundationVision/UniTok models/vqvae.py AttnProjection), rebuilt here ------
+
+
+class OfficialGeGlu(torch.nn.Module):
+    """UniTok's models/vitamin.py GeGluMlp: own LayerNorm (eps 1e-6), w2(gelu_tanh(w0 x) * w1 x)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(dim, eps=1e-6)
+        self.w0, self.w1, self.w2 = torch.nn.Linear(dim, hidden), torch.nn.Linear(dim, hidden), torch.nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        x = self.norm(x)
+        return self.w2(F.gelu(self.w0(x), approximate="tanh") * self.w1(x))
+
+
+class OfficialAttention(torch.nn.Module):
+    """PlainAttention: qkv without bias + q/v biases, heads of width max/heads, mean over heads when compressing."""
+
+    def __init__(self, in_dim: int, out_dim: int, heads: int) -> None:
+        super().__init__()
+        inner = max(in_dim, out_dim)
+        self.heads, self.hd, self.compress = heads, inner // heads, in_dim > out_dim
+        self.qkv = torch.nn.Linear(in_dim, 3 * inner, bias=False)
+        self.q_bias = torch.nn.Parameter(torch.zeros(inner))
+        self.v_bias = torch.nn.Parameter(torch.zeros(inner))
+        self.register_buffer("zero_k_bias", torch.zeros(inner))
+        self.proj = torch.nn.Linear(out_dim, out_dim)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        qkv = F.linear(x, self.qkv.weight, torch.cat([self.q_bias, self.zero_k_bias, self.v_bias]))
+        q, k, v = qkv.reshape(b, n, 3, self.heads, self.hd).permute(2, 0, 3, 1, 4)
+        a = torch.softmax(q @ k.transpose(-1, -2) * self.hd ** -0.5, dim=-1) @ v
+        a = a.mean(1) if self.compress else a.transpose(1, 2).reshape(b, n, -1)
+        return self.proj(a)
+
+
+class OfficialAttnProjection(torch.nn.Module):
+    """x = proj(norm3 x) + attn(norm1 x); x = x + mlp(norm2 x); torch LayerNorms (eps 1e-5) outside the MLP."""
+
+    def __init__(self, in_dim: int, out_dim: int, heads: int) -> None:
+        super().__init__()
+        self.norm1, self.norm3 = torch.nn.LayerNorm(in_dim), torch.nn.LayerNorm(in_dim)
+        self.attn = OfficialAttention(in_dim, out_dim, heads)
+        self.proj = torch.nn.Linear(in_dim, out_dim)
+        self.norm2 = torch.nn.LayerNorm(out_dim)
+        self.mlp = OfficialGeGlu(out_dim, 2 * out_dim)
+
+    def forward(self, x):
+        x = self.proj(self.norm3(x)) + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+def copy_official_into_vtok(official: torch.nn.Module, p: AttentionProjector) -> None:
+    """Through the projector's own name table (the one python -m core.convert uses)."""
+    names = p.unitok_state_names()
+    sd = official.state_dict()
+    assert set(names) == set(sd)
+    p.load_state_dict({names[k]: v for k, v in sd.items() if names[k] is not None})
+    assert names["attn.zero_k_bias"] is None and not sd["attn.zero_k_bias"].any()
+
+
+@pytest.mark.parametrize("in_dim,out_dim", [(64, 8), (8, 64), (1024, 64), (64, 1024)])
+def test_official_layout_weight_copied(in_dim, out_dim):
+    """Same parameter count as UniTok's AttnProjection (embed_dim // vocab_width heads) and the same
+    output with the official tensors copied in: the MLP branch has its LayerNorm and the MLP's own."""
+    heads = max(in_dim, out_dim) // min(in_dim, out_dim)
+    torch.manual_seed(0)
+    official = OfficialAttnProjection(in_dim, out_dim, heads)
+    _randomize(official)
+    p = AttentionProjector(AttentionConfig(), in_dim=in_dim, out_dim=out_dim)
+    assert sum(t.numel() for t in p.parameters()) == sum(t.numel() for t in official.parameters())
+    assert p.attn.heads == heads
+    copy_official_into_vtok(official, p)
+    x = torch.randn(2, 6, in_dim, dtype=torch.float64)
+    torch.testing.assert_close(p.double()(x), official.double()(x), rtol=1e-9, atol=1e-9)
+    # the full-scale pair: 1024 -> 64 has 3,246,784 parameters, 64 -> 1024 has 7,615,744 (UniTok's counts)
+    if (in_dim, out_dim) == (1024, 64):
+        assert sum(t.numel() for t in p.parameters()) == 3_246_784
+    if (in_dim, out_dim) == (64, 1024):
+        assert sum(t.numel() for t in p.parameters()) == 7_615_744
+
+
+def test_gelu_flavour():
+    """tanh (UniTok's GeGluMlp, the default) or exact erf GELU in the GeGLU gate; the two differ."""
+    x = torch.linspace(-4, 4, 81)
+    tanh = AttentionProjector(AttentionConfig(), in_dim=16, out_dim=4).mlp.act
+    exact = AttentionProjector(AttentionConfig(gelu="exact"), in_dim=16, out_dim=4).mlp.act
+    torch.testing.assert_close(tanh(x), F.gelu(x, approximate="tanh"), rtol=0, atol=0)
+    torch.testing.assert_close(exact(x), F.gelu(x), rtol=0, atol=0)
+    assert (tanh(x) - exact(x)).abs().max() > 1e-4
+
+
+def test_unitok_init_statistics():
+    """init unitok: every Linear weight ~ trunc-normal std 0.02, every Linear bias exactly 0."""
+    torch.manual_seed(0)
+    p = AttentionProjector(AttentionConfig(), in_dim=256, out_dim=64)
+    linears = [m for m in p.modules() if isinstance(m, torch.nn.Linear)]
+    w = torch.cat([m.weight.flatten() for m in linears])
+    assert abs(w.std().item() - 0.02) < 0.001 and abs(w.mean().item()) < 0.001
+    assert w.abs().max() <= 2.0  # trunc_normal_'s default bounds (+-2, i.e. 100 sigma: as the official call)
+    assert all(m.bias is None or (m.bias == 0).all() for m in linears)
+    torch_default = AttentionProjector(AttentionConfig(init="torch"), in_dim=256, out_dim=64)
+    assert (torch_default.linear.bias != 0).any()  # torch's default: uniform biases

@@ -3,6 +3,10 @@
 UniTok's decoder mirrors ViTamin: ViT blocks on the tokens, then conv stages that upsample by 2
 each, ``log2(downsample)`` times, to RGB. Linear in -> positional embedding -> timm Blocks -> LN ->
 token map -> 1x1 conv -> (nearest x2 + conv + residual blocks) per stage -> GroupNorm-SiLU-conv.
+This conv part is vtok's own (VQGAN-style); the ``vitamin`` decoder is the official UniTok layout.
+GeGLU gate GELU (``gelu``), stochastic depth (``drop_path``) and the re-initialisation (``init``)
+default to UniTok's decoder (FoundationVision/UniTok ``models/vitamin.py`` ``ViTaminDecoder``,
+``models/__init__.py`` ``build_unitok``; see ``plugins/weight_init.py``).
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from core.interfaces import ComponentConfig, Decoder
 from plugins.decoders.conv import stage_mults, upsampling_stages
 from plugins.encoders.conv import map_from_tokens, norm
 from plugins.encoders.vit import PosEmbed, PositionalEmbedding, TransformerFields, transformer_blocks
+from plugins.weight_init import Init, apply_init
 
 
 class HybridDecoderConfig(ComponentConfig, TransformerFields):
@@ -26,6 +31,7 @@ class HybridDecoderConfig(ComponentConfig, TransformerFields):
     mlp_ratio: float = Field(2.0, gt=0)  # MLP hidden width / width (ViTamin: 2 with GeGLU)
     mlp: Literal["gelu", "geglu"] = "geglu"  # block MLP (ViTamin: GeGLU)
     pos_embed: PosEmbed = "none"  # positional embedding before the blocks (the mirror of the encoder: none)
+    init: Init = "unitok"  # unitok: UniTok's decoder re-initialisation (trunc-normal 0.02 Linear, Xavier 0.5 conv, zero biases); torch: layer defaults
 
 
 class HybridDecoder(Decoder):
@@ -45,6 +51,7 @@ class HybridDecoder(Decoder):
         stages, ch = upsampling_stages(deepest, cfg.conv_width, mults, cfg.num_res_blocks)
         self.convs = nn.Sequential(nn.Conv2d(cfg.width, deepest, 1), *stages, norm(ch), nn.SiLU())
         self.out = nn.Conv2d(ch, 3, 3, padding=1)
+        apply_init(self, cfg.init)
 
     def forward(self, tokens: Tensor, grid: tuple[int, int]) -> Tensor:
         x = self.norm(self.blocks(self.pos_embed(self.embed(tokens))))

@@ -1,7 +1,9 @@
 """Vision-transformer decoder, the mirror of the ``vit`` encoder.
 
 Linear in -> positional embedding -> timm Blocks -> LayerNorm -> Linear to ``downsample^2 * 3``
-pixels per token -> un-patchify.
+pixels per token -> un-patchify. GeGLU gate GELU (``gelu``), stochastic depth (``drop_path``) and the
+re-initialisation (``init``) default to UniTok's decoder (FoundationVision/UniTok ``models/vitamin.py``
+``ViTaminDecoder``, ``models/__init__.py`` ``build_unitok``; see ``plugins/weight_init.py``).
 """
 from __future__ import annotations
 
@@ -12,10 +14,12 @@ from torch import Tensor, nn
 from core.hookspecs import hookimpl
 from core.interfaces import ComponentConfig, Decoder
 from plugins.encoders.vit import PositionalEmbedding, TransformerFields, transformer_blocks
+from plugins.weight_init import Init, apply_init
 
 
 class ViTDecoderConfig(ComponentConfig, TransformerFields):
     type: Literal["vit"] = "vit"
+    init: Init = "unitok"  # unitok: UniTok's decoder re-initialisation (trunc-normal 0.02 Linear, Xavier 0.5 conv, zero biases); torch: layer defaults
 
 
 def unpatchify(x: Tensor, grid: tuple[int, int], p: int) -> Tensor:
@@ -39,6 +43,7 @@ class ViTDecoder(Decoder):
         self.blocks = transformer_blocks(cfg)
         self.norm = nn.LayerNorm(cfg.width, eps=1e-6)
         self.out = nn.Linear(cfg.width, downsample * downsample * 3)
+        apply_init(self, cfg.init)
 
     def forward(self, tokens: Tensor, grid: tuple[int, int]) -> Tensor:
         x = self.norm(self.blocks(self.pos_embed(self.embed(tokens))))

@@ -12,6 +12,13 @@ Two ways to build it:
 - otherwise the same layout from timm's ViTamin building blocks at any width and any power-of-two
   ``downsample`` >= 4: Stem (stride 2), ``log2(downsample) - 2`` MbConv stages (stride 2 each), a
   strided conv (stride 2) to ``width``, then timm Blocks -- small enough for a CPU.
+
+Both follow UniTok's encoder (FoundationVision/UniTok ``models/unitok.py``, ``UniTok.__init__``):
+GeGLU gated by the tanh GELU (``gelu: tanh``) and stochastic depth ``drop_path`` (0.1 there) over
+the transformer blocks; the MbConv stages have neither (as in ViTamin). The encoder keeps timm's
+initialisation (UniTok does not re-initialise it). UniTok's encoder also holds a frozen all-zero
+``pos_embed`` of shape (1, 1, width) that adds nothing; vtok has no such tensor
+(``python -m core.convert`` checks it is zero and drops it).
 """
 from __future__ import annotations
 
@@ -23,7 +30,7 @@ from torch import Tensor, nn
 from core.hookspecs import hookimpl
 from core.interfaces import Encoder, EncoderConfig
 from plugins.encoders.conv import log2_exact
-from plugins.encoders.vit import PosEmbed, PositionalEmbedding, TransformerFields, transformer_blocks
+from plugins.encoders.vit import GELU_LAYER, PosEmbed, PositionalEmbedding, TransformerFields, transformer_blocks
 from plugins.final_activation import FinalActivation, make_final_activation
 
 # short names used in the papers' configs -> timm model names (img_size is passed separately)
@@ -100,7 +107,8 @@ class TimmViTamin(nn.Module):
 
         name = TIMM_ALIASES.get(cfg.timm_model, cfg.timm_model)
         self.model = timm.create_model(name, pretrained=False, img_size=image_size, num_classes=0,
-                                       global_pool="", pos_embed=cfg.pos_embed, class_token=False)
+                                       global_pool="", pos_embed=cfg.pos_embed, class_token=False,
+                                       act_layer=GELU_LAYER[cfg.gelu], drop_path_rate=cfg.drop_path)
         self.width = self.model.embed_dim
 
     def forward(self, images: Tensor) -> Tensor:
@@ -130,6 +138,30 @@ class HybridEncoder(Encoder):
     def forward(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
         grid = (images.shape[-2] // self.downsample, images.shape[-1] // self.downsample)
         return self.final_activation(self.head(self.trunk(images))), grid
+
+    def unitok_state_names(self) -> dict[str, Optional[str]]:
+        """UniTok encoder (a timm ViTamin) state-dict name -> own (``python -m core.convert``).
+        UniTok's frozen all-zero ``pos_embed`` maps to None (no counterpart). A head (out_dim !=
+        width) or a learned positional embedding has no official counterpart and stays unmapped."""
+        names: dict[str, Optional[str]] = {"pos_embed": None}
+        for key in self.state_dict():
+            if key.startswith("trunk.model."):
+                names[key.removeprefix("trunk.model.")] = key
+            elif key.startswith("trunk.stem."):
+                names[self._official_conv_name(key.removeprefix("trunk.stem."))] = key
+            elif key.startswith(("trunk.blocks.", "trunk.norm.")):
+                names[key.removeprefix("trunk.")] = key
+        return names
+
+    def _official_conv_name(self, key: str) -> str:
+        """Index in the own conv Sequential (stem, MbConv blocks stage by stage, strided conv) -> timm's nesting."""
+        i, rest = key.split(".", 1)
+        i, depth, n_blocks = int(i), self.cfg.conv_depth, self.cfg.conv_depth * len(self.cfg.mults())
+        if i == 0:
+            return f"patch_embed.backbone.stem.{rest}"
+        if i <= n_blocks:
+            return f"patch_embed.backbone.stages.{(i - 1) // depth}.{(i - 1) % depth}.{rest}"
+        return f"patch_embed.backbone.pool.{rest}"
 
 
 class _OwnTrunk(nn.Module):

@@ -1,8 +1,15 @@
 """Vision-transformer encoder: timm PatchEmbed + timm transformer Blocks (UniWeTok's "transformer-only").
 
-Also the shared transformer pieces of the ``vit`` and ``hybrid`` encoders and decoders: a stack
-of timm ``Block``s (plain GELU MLP or ViTamin's GeGLU MLP) and the optional positional embedding
-(learned, fixed 2-D sin-cos, or none: UniTok's ViTamin encoder has none).
+Also the shared transformer pieces of the ``vit`` and ``hybrid`` encoders and the ``vit``,
+``hybrid`` and ``vitamin`` decoders: a stack of timm ``Block``s (plain GELU MLP or ViTamin's GeGLU
+MLP) and the optional positional embedding (learned, fixed 2-D sin-cos, or none: UniTok's ViTamin
+encoder has none).
+
+Following FoundationVision/UniTok (``models/vitamin.py``): its ``GeGluMlp`` gates with the
+tanh-approximated GELU (``gelu: tanh``, the default; ``exact`` is erf, timm's ``GeGluMlp`` default),
+and its encoder and decoder use stochastic depth (``args.drop_path = 0.1`` in ``utils/config.py``,
+passed to timm as ``drop_path_rate``): block i of n drops its residual branches with probability
+``drop_path * i / (n - 1)`` (timm's linear rule), rescaling kept samples by 1 / (1 - p).
 """
 from __future__ import annotations
 
@@ -21,6 +28,9 @@ from core.interfaces import Encoder, EncoderConfig
 from plugins.final_activation import FinalActivation, make_final_activation
 
 PosEmbed = Literal["learn", "sincos", "none"]
+GeluKind = Literal["tanh", "exact"]
+#: timm activation names of the two GELU flavours
+GELU_LAYER = {"tanh": "gelu_tanh", "exact": "gelu"}
 
 
 class TransformerFields(BaseModel):
@@ -32,6 +42,8 @@ class TransformerFields(BaseModel):
     mlp_ratio: float = Field(4.0, gt=0)  # MLP hidden width / width
     mlp: Literal["gelu", "geglu"] = "gelu"  # block MLP: timm Mlp (GELU) or ViTamin's GeGLU
     pos_embed: PosEmbed = "learn"  # positional embedding added before the blocks
+    gelu: GeluKind = "tanh"  # GELU inside the GeGLU MLP: tanh approximation (UniTok's GeGluMlp) or exact (erf); the plain MLP is always exact
+    drop_path: float = Field(0.0, ge=0, lt=1)  # stochastic depth rate of the last block (linear from 0 over the blocks; UniTok: 0.1)
 
     @model_validator(mode="after")
     def _check_heads(self):
@@ -42,11 +54,16 @@ class TransformerFields(BaseModel):
         return self
 
 
+def drop_path_rates(rate: float, depth: int) -> list[float]:
+    """Stochastic depth per block: 0 for the first, ``rate`` for the last, linear in between (timm)."""
+    return [rate * i / max(depth - 1, 1) for i in range(depth)]
+
+
 def transformer_blocks(cfg: TransformerFields) -> nn.Sequential:
     """``depth`` pre-norm timm Blocks (qkv bias on, like ViT/ViTamin)."""
-    kwargs = {"mlp_layer": GeGluMlp} if cfg.mlp == "geglu" else {}
-    return nn.Sequential(*[Block(cfg.width, cfg.heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=True, **kwargs)
-                           for _ in range(cfg.depth)])
+    kwargs = {"mlp_layer": GeGluMlp, "act_layer": GELU_LAYER[cfg.gelu]} if cfg.mlp == "geglu" else {}
+    return nn.Sequential(*[Block(cfg.width, cfg.heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=True, drop_path=p, **kwargs)
+                           for p in drop_path_rates(cfg.drop_path, cfg.depth)])
 
 
 class PositionalEmbedding(nn.Module):
