@@ -94,3 +94,93 @@ def test_loss_weight_warmup_never_exceeds_the_weight():
             w = [loss.schedule(s) for s in range(40)]
             assert max(w) == pytest.approx(0.7) and all(0 <= x <= 0.7 for x in w)
             assert w[:start] == [0.0] * start
+
+
+# ---- 4. FSQ with a level of 2 ----------------------------------------------------------------------
+
+from plugins.quantizers.fsq import FSQ, FSQConfig  # noqa: E402
+
+
+def fsq_reference(z: torch.Tensor, levels: list[int], eps: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float64 brute force of the paper's bounding: per channel the nearest of its L integers found
+    by search. Returns (digits, indices, codes) and the bounded values' distance to a rounding
+    boundary (to skip the samples float32 could round the other way)."""
+    digits, margin = [], []
+    for i, n in enumerate(levels):
+        h = (n - 1) * (1 - eps) / 2
+        off = 0.5 if n % 2 == 0 else 0.0
+        b = torch.tanh(z[..., i].double() + math.tan(off / h)) * h - off
+        grid = torch.arange(n, dtype=torch.float64) - n // 2  # the L integers
+        dist = (b.unsqueeze(-1) - grid).abs()
+        digits.append(dist.argmin(-1))
+        margin.append((dist.sort(-1).values[..., 1] - dist.min(-1).values) if n > 1 else torch.full_like(b, 1.0))
+    d = torch.stack(digits, -1)
+    radix = torch.tensor([math.prod(levels[:i]) for i in range(len(levels))])
+    width = torch.tensor([n // 2 for n in levels], dtype=torch.float64)
+    return d, (d * radix).sum(-1, keepdim=True), ((d - width) / width).float(), torch.stack(margin, -1).min(-1).values
+
+
+@pytest.mark.parametrize("levels", [[2, 2, 2, 2], [8, 2, 5]])
+def test_fsq_with_a_level_of_two(levels):
+    q = FSQ(FSQConfig(levels=levels))
+    k = math.prod(levels)
+    g = torch.Generator().manual_seed(0)
+    z = (torch.randn(4, 512, len(levels), generator=g) * 2).requires_grad_()
+    out = q(z)
+    assert torch.isfinite(out.quantized).all()
+    assert out.indices.min() >= 0 and out.indices.max() < k
+    # numbers: the brute-force reference, away from rounding boundaries
+    _, idx, codes, margin = fsq_reference(z.detach(), levels)
+    keep = margin > 1e-4
+    assert keep.float().mean() > 0.99
+    assert torch.equal(out.indices[keep], idx[keep])
+    assert torch.equal(out.quantized.detach()[keep], codes[keep])
+    # straight-through gradient: finite, nonzero where tanh is not saturated
+    out.quantized.sum().backward()
+    assert torch.isfinite(z.grad).all() and (z.grad.abs() > 1e-3).float().mean() > 0.5
+    # every code reachable: per channel a latent for each digit (found by a 1-D search), all combinations
+    line = torch.linspace(-6, 6, 4801)
+    per_channel = []
+    for i, n in enumerate(levels):
+        zi = torch.zeros(line.numel(), len(levels))
+        zi[:, i] = line
+        d = fsq_reference(zi, levels)[0][:, i]
+        per_channel.append(torch.stack([line[d == j][(d == j).sum() // 2] for j in range(n)]))
+    grid = torch.cartesian_prod(*per_channel).view(1, -1, len(levels))
+    hit = q(grid).indices.view(-1)
+    digits = torch.cartesian_prod(*[torch.arange(n) for n in levels]).view(-1, len(levels))
+    assert torch.equal(hit, (digits * q.radix).sum(-1))
+    assert sorted(hit.tolist()) == list(range(k))
+    # round trip: indices -> codes -> (a latent bounded onto that code) -> indices
+    every = torch.arange(k).view(1, k, 1)
+    codes = q.indices_to_codes(every)
+    target = codes * q.width + q.offset
+    back = q(torch.atanh((target / q.half_range).clamp(-0.9999, 0.9999)) - q.shift)
+    assert torch.equal(back.indices, every) and torch.equal(back.quantized, codes)
+
+
+def test_fsq_level_two_hand_values():
+    """L = 2: codes -1 and 0 (digits 0 and 1); the boundary f(z) = -1/2 sits at z = -tan(0.5 / 0.4995)."""
+    q = FSQ(FSQConfig(levels=[2]))
+    edge = -math.tan(0.5 / 0.4995)
+    assert edge == pytest.approx(-1.5608420, abs=1e-6)
+    z = torch.tensor([-9.0, edge - 0.01, edge + 0.01, 0.0, 9.0]).view(1, 5, 1)
+    out = q(z)
+    assert out.indices.view(-1).tolist() == [0, 0, 1, 1, 1]
+    assert out.quantized.view(-1).tolist() == [-1.0, -1.0, 0.0, 0.0, 0.0]
+    # f(0) = tanh(shift) * h - 1/2 = -0.04268 (hand value), inside code 0's cell
+    f0 = math.tanh(-edge) * 0.4995 - 0.5
+    assert f0 == pytest.approx(-0.0426794, abs=1e-6)
+
+
+def test_fsq_atanh_shift_rejects_a_level_of_two():
+    cfg = tiny_experiment()
+    cfg["model"]["quantizer"] = {"type": "fsq", "levels": [8, 2, 5], "shift": "atanh"}
+    from core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="needs shift: tan") as e:
+        validate(cfg)
+    assert "\n" not in str(e.value) and "model.quantizer" in str(e.value)
+    cfg["model"]["quantizer"]["levels"] = [8, 4, 5]  # atanh is defined for every other level
+    q = FSQ(validate(cfg).model.quantizer)
+    assert q.shift.tolist() == pytest.approx([math.atanh(0.5 / 3.4965), math.atanh(0.5 / 1.4985), 0.0])
