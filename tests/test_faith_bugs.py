@@ -184,3 +184,43 @@ def test_fsq_atanh_shift_rejects_a_level_of_two():
     cfg["model"]["quantizer"]["levels"] = [8, 4, 5]  # atanh is defined for every other level
     q = FSQ(validate(cfg).model.quantizer)
     assert q.shift.tolist() == pytest.approx([math.atanh(0.5 / 3.4965), math.atanh(0.5 / 1.4985), 0.0])
+
+
+# ---- 14. usage evaluator: two definitions, over the whole eval split ---------------------------------
+
+from plugins.evaluators.usage import Usage, UsageConfig  # noqa: E402
+from plugins.quantizers._common import usage_metrics  # noqa: E402
+
+
+class Replay(torch.nn.Module):
+    """A model whose ``encode`` returns prepared indices batch by batch (the image is the batch number)."""
+
+    def __init__(self, batches: list[torch.Tensor], sizes: list[int]) -> None:
+        super().__init__()
+        self.batches, self.w = batches, torch.nn.Parameter(torch.zeros(1))
+        self.quantizer = type("Q", (), {"codebook_sizes": sizes})()
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return self.batches[int(images.flatten()[0])]
+
+
+def test_usage_two_definitions_over_the_whole_split():
+    """K = 1 codebook of 8 codes, 3 batches of 400 tokens. Batch 0 uses codes 0..3, batch 1 codes
+    4..6, batch 2 code 0 except ONE token of code 7 (frequency 1/1200 < 0.01/8 = 1/800)."""
+    b0 = torch.arange(4).repeat(100)
+    b1 = torch.tensor([4, 5, 6]).repeat(134)[:400]
+    b2 = torch.zeros(400, dtype=torch.long)
+    b2[17] = 7
+    batches = [b.view(1, 400, 1) for b in (b0, b1, b2)]
+    loader = [{"image": torch.full((1, 3, 4, 4), float(i))} for i in range(3)]
+    out = Usage(UsageConfig()).evaluate(Replay(batches, [8]), loader)
+    assert out["usage"] == 100.0  # every code at least once over the split (per batch: 50, 37.5, 25)
+    assert out["usage_freq"] == 87.5  # code 7 is below 0.01/K
+    assert out["dead_codes"] == 0.0
+    counts = torch.bincount(torch.cat([b0, b1, b2]), minlength=8)
+    assert counts.tolist() == [100 + 399, 100, 100, 100, 134, 133, 133, 1]
+    # usage_freq is the training metric's definition (quant/usage) applied to the split's counts
+    assert out["usage_freq"] == pytest.approx(float(usage_metrics(counts.view(1, 8).float())["usage"]))
+    p = counts.double() / 1200
+    assert out["perplexity"] == pytest.approx(math.exp(float(-(p * p.log()).sum())), rel=1e-12)
+    assert Usage(UsageConfig(freq_threshold=0.0)).evaluate(Replay(batches, [8]), loader)["usage_freq"] == 100.0
