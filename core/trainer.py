@@ -471,7 +471,7 @@ def train(exp: Any, reg: Registry | None = None, *, built: Built | None = None, 
                     checkpoint(done_steps)
                 # a stop request is agreed on by all ranks; with several ranks that costs a
                 # collective, so they compare notes only at logging steps
-                if (not dist.is_distributed() or done_steps % cfg.log_every == 0) and dist.any_rank(flag.stop):
+                if (not dist.is_distributed() or done_steps % cfg.log_every == 0) and dist.any_rank(flag.stop, device):
                     checkpoint(done_steps)
                     raise KeyboardInterrupt
         tracker.flush()
