@@ -25,6 +25,7 @@ from core.config import validate
 from core.trainer import train
 
 CPU = torch.device("cpu")
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed.nn.functional.all_gather is deprecated")
 
 
 @pytest.fixture
