@@ -1,7 +1,10 @@
 """Tiny torch.distributed helpers, resolved at call time (no-ops when not initialised).
 
 Quantizer statistics (code counts, bit balance) and the trainer's metric means go through these so
-one code path serves a laptop and ``torchrun``.
+one code path serves a laptop and ``torchrun``. Every tensor handed to a collective lives on the
+training device (NCCL, the backend whenever CUDA is present, reduces only CUDA tensors): the
+statistics derive from the batch, and a tensor made here from a Python value is created on the
+device the caller passes (tests/test_collective_devices.py checks this without a GPU).
 """
 from __future__ import annotations
 
@@ -115,11 +118,12 @@ def all_reduce_grads_(params: list[torch.nn.Parameter]) -> None:
         offset += g.numel()
 
 
-def any_rank(flag: bool) -> bool:
-    """True on every rank if ``flag`` is true on any (e.g. one rank got Ctrl-C)."""
+def any_rank(flag: bool, device: torch.device | str) -> bool:
+    """True on every rank if ``flag`` is true on any (e.g. one rank got Ctrl-C). ``device``: the
+    training device (where the flag's tensor must live for the backend to reduce it)."""
     if not is_distributed():
         return flag
-    t = torch.tensor([1.0 if flag else 0.0])
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 

@@ -2,8 +2,9 @@
 
 Plus, when ``model.text`` is set, the semantic side UniTok trains with the contrastive loss: a
 CLIP image head on the post-projection tokens (mean -> LayerNorm -> Linear -> l2-normalise) and an
-open_clip ``TextTransformer`` trained from scratch, with a learnable logit scale clamped to
-[0, ln 100]. Zero-shot evaluation reads the head on the DISCRETE path (indices -> codes -> post).
+open_clip ``TextTransformer`` trained from scratch, with a learnable logit scale kept in
+[0, ln 100] (clamped after every optimizer step). Zero-shot evaluation reads the head on the
+DISCRETE path (indices -> codes -> post).
 """
 from __future__ import annotations
 
@@ -114,7 +115,21 @@ class Tokenizer(nn.Module):
         return fp32(self.post_projector, zq) if self.post_projector is not None else zq
 
     def clamped_logit_scale(self) -> Tensor:
-        return self.logit_scale.clamp(0.0, self.max_logit_scale)
+        """The logit scale limited to [0, max_logit_scale] in value, its gradient passed straight
+        through: the official forward reads the parameter unclamped (the trainer keeps it in range,
+        see :meth:`after_optimizer_step`), and a plain clamp would zero the gradient at the bound."""
+        s = self.logit_scale
+        return s + (s.clamp(0.0, self.max_logit_scale) - s).detach()
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """Called by the trainer after every optimizer step: clamp the logit scale PARAMETER in place
+        to [0, max_logit_scale], as the official trainer does (FoundationVision/UniTok, trainer.py,
+        ``Trainer.train_step``, after the step). Clamping only in the forward pass would leave a
+        parameter that AdamW pushed past the bound with a zero gradient for good; held at the bound
+        (and read straight through by :meth:`clamped_logit_scale`) it can come back."""
+        if self.text is not None:
+            self.logit_scale.clamp_(0.0, self.max_logit_scale)
 
     def encode_text(self, texts: list[str]) -> Tensor:
         if self.text is None:

@@ -141,7 +141,7 @@ def param_groups(modules: list[nn.Module], exclude: set[int], weight_decay: floa
 def lr_factor(step: int, cfg: Any) -> float:
     warm = cfg.warmup * cfg.steps if cfg.warmup < 1 else cfg.warmup
     if warm > 0 and step < warm:
-        return (step + 1) / warm
+        return min(1.0, (step + 1) / warm)  # warm need not be an integer: never above the peak
     if cfg.schedule == "constant":
         return 1.0
     progress = min(1.0, (step - warm) / max(1.0, cfg.steps - warm))
@@ -437,6 +437,7 @@ def train(exp: Any, reg: Registry | None = None, *, built: Built | None = None, 
                     scaler.update()
                 else:
                     opt.step()
+                model.after_optimizer_step()
                 sched.step()
                 for i, aopt in aux_opts.items():  # alternate: the adversary's step on detached outputs
                     detached = {k: v.detach() if torch.is_tensor(v) else v for k, v in outputs.items()}
@@ -471,7 +472,7 @@ def train(exp: Any, reg: Registry | None = None, *, built: Built | None = None, 
                     checkpoint(done_steps)
                 # a stop request is agreed on by all ranks; with several ranks that costs a
                 # collective, so they compare notes only at logging steps
-                if (not dist.is_distributed() or done_steps % cfg.log_every == 0) and dist.any_rank(flag.stop):
+                if (not dist.is_distributed() or done_steps % cfg.log_every == 0) and dist.any_rank(flag.stop, device):
                     checkpoint(done_steps)
                     raise KeyboardInterrupt
         tracker.flush()

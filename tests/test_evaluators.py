@@ -134,8 +134,9 @@ def test_usage_hand_count():
     assert out["dead_codes"] == 3.0
     assert math.isclose(out["perplexity_0"], 2.0) and math.isclose(out["perplexity_1"], math.exp(h1))
     assert math.isclose(out["bits_used"], 1.0 + 1.5) and out["bits_capacity"] == 4.0
-    # UniTok's threshold: frequency must exceed 0.01 / K... here 1.2 / 4 = 0.3: only 0.5-frequency codes count
-    assert usage_stats(counts, min_frequency=1.2)["usage_1"] == 25.0
+    # usage_freq: frequency must exceed freq_threshold / size (UniTok: 0.01 / K)... here 1.2 / 4 = 0.3:
+    # only 0.5-frequency codes count
+    assert out["usage_freq_1"] == 75.0 and usage_stats(counts, freq_threshold=1.2)["usage_freq_1"] == 25.0
 
 
 def test_usage_evaluator_accumulates_batches():

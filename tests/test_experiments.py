@@ -84,7 +84,7 @@ def test_every_experiment_validates_with_its_cells_and_claims(workdir, path):
 
 def _metric_names(exp) -> set[str]:
     names = {"psnr_ssim": {"psnr", "ssim"}, "fd": {"fd_refnet", "rfid"}, "zero_shot": {"zero_shot_top1", "zero_shot_top5"},
-             "linear_probe": {"linear_probe_top1"}, "usage": {"usage", "perplexity", "usage_min", "dead_codes", "bits_used"},
+             "linear_probe": {"linear_probe_top1"}, "usage": {"usage", "usage_freq", "perplexity", "usage_min", "dead_codes", "bits_used"},
              "lpips": {"lpips"}}
     return set().union(*(names.get(e.type, set()) for e in exp.eval))
 

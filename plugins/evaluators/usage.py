@@ -1,13 +1,23 @@
-"""Codebook health over the whole eval set: usage, perplexity, dead codes, bits actually used.
+"""Codebook health over the WHOLE eval split: usage (two definitions), perplexity, dead codes, bits.
 
-For sub-codebook k with empirical code distribution p_k over the eval set's tokens:
-``usage_k`` = % of its codes with frequency > ``min_frequency`` / size_k (UniTok counts a code
-as used when its batch frequency exceeds 0.01/K; the default 0 here means "used at least once"),
-``perplexity_k`` = exp(H(p_k)), ``bits_k`` = H(p_k) / ln 2. Reported: ``usage`` (mean %),
-``usage_min`` (worst sub-codebook, %), ``perplexity`` (mean), ``dead_codes`` (total codes at or
-below the threshold), ``bits_used`` (sum of bits_k: an upper bound on the information per token
-the codes carry) and ``bits_capacity`` (sum of log2 size_k); with at most ``per_codebook_max``
-sub-codebooks also ``usage_<k>`` and ``perplexity_<k>``.
+Code counts are accumulated over every batch of the eval split and the statistics computed once
+from the totals (never per batch and averaged). For sub-codebook k of size n_k with empirical code
+distribution p_k over the split's tokens:
+
+- ``usage`` (default definition): % of codes used at least once in the split -- the convention of
+  SEED-Voken (``evaluation_image.py``: a code counts when its count over the split is > 0) and of
+  1d-tokenizer (``evaluator/evaluator.py``, ``VQGANEvaluator``: the set of indices seen / codebook
+  size). Mean over sub-codebooks; ``usage_min`` is the worst one.
+- ``usage_freq``: % of codes whose frequency in the split exceeds ``freq_threshold`` / n_k
+  (0.01 / n_k: the threshold of UniTok's training metric, FoundationVision/UniTok
+  ``models/quant.py``, which vtok logs per batch as ``quant/usage``; here over the whole split).
+  Always <= ``usage``; it discounts codes chosen only a handful of times.
+- ``perplexity`` = mean_k exp(H(p_k)); ``dead_codes`` = codes never used (total);
+  ``bits_used`` = sum_k H(p_k) / ln 2 (an upper bound on the information per token the codes
+  carry) and ``bits_capacity`` = sum_k log2 n_k.
+
+With 2 .. ``per_codebook_max`` sub-codebooks also ``usage_<k>``, ``usage_freq_<k>`` and
+``perplexity_<k>``.
 """
 from __future__ import annotations
 
@@ -25,53 +35,60 @@ from plugins.evaluators._common import device_of
 
 class UsageConfig(ComponentConfig):
     type: Literal["usage"] = "usage"
-    min_frequency: float = Field(0.0, ge=0)  # a code is used when its frequency > min_frequency / codebook size
-    per_codebook_max: int = Field(16, ge=0)  # report usage_<k> / perplexity_<k> when K is at most this
+    # usage_freq: a code counts when its frequency over the split exceeds freq_threshold / codebook size
+    freq_threshold: float = Field(0.01, ge=0)
+    per_codebook_max: int = Field(16, ge=0)  # report usage_<k> / usage_freq_<k> / perplexity_<k> when K is at most this
 
 
 def code_counts(indices: Tensor, codebook_sizes: list[int]) -> list[Tensor]:
-    """int64 ``(..., K)`` -> per sub-codebook histogram of length size_k."""
-    flat = indices.reshape(-1, indices.shape[-1]).long().cpu()
+    """int64 ``(..., K)`` -> per sub-codebook histogram of length size_k (on the indices' device)."""
+    flat = indices.reshape(-1, indices.shape[-1]).long()
     return [torch.bincount(flat[:, k], minlength=n)[:n] for k, n in enumerate(codebook_sizes)]
 
 
-def usage_stats(counts: list[Tensor], min_frequency: float = 0.0, per_codebook_max: int = 16) -> dict[str, float]:
+def usage_stats(counts: list[Tensor], freq_threshold: float = 0.01, per_codebook_max: int = 16) -> dict[str, float]:
+    """The metrics above from per sub-codebook counts over the whole split."""
     out: dict[str, float] = {}
-    usages, perps, bits, dead = [], [], [], 0
-    for k, c in enumerate(counts):
+    usages, freqs, perps, bits, dead = [], [], [], [], 0
+    for c in counts:
+        c = c.cpu()
         n = c.numel()
         p = c.double() / c.sum().clamp_min(1)
-        used = int((p > min_frequency / n).sum())
+        used = int((c > 0).sum())
         entropy = float(-(p[p > 0] * p[p > 0].log()).sum())
         usages.append(100.0 * used / n)
+        freqs.append(100.0 * int((p > freq_threshold / n).sum()) / n)
         perps.append(math.exp(entropy))
         bits.append(entropy / math.log(2))
         dead += n - used
     out["usage"] = sum(usages) / len(usages)
     out["usage_min"] = min(usages)
+    out["usage_freq"] = sum(freqs) / len(freqs)
     out["perplexity"] = sum(perps) / len(perps)
     out["dead_codes"] = float(dead)
     out["bits_used"] = sum(bits)
     out["bits_capacity"] = sum(math.log2(c.numel()) for c in counts)
     if len(counts) <= per_codebook_max and len(counts) > 1:
         out.update({f"usage_{k}": u for k, u in enumerate(usages)})
+        out.update({f"usage_freq_{k}": u for k, u in enumerate(freqs)})
         out.update({f"perplexity_{k}": q for k, q in enumerate(perps)})
     return out
 
 
 class Usage(Evaluator):
-    """Codebook usage: ``usage``, ``usage_min``, ``perplexity``, ``dead_codes``, ``bits_used``, ``bits_capacity``."""
+    """Codebook usage over the whole eval split: ``usage`` (used at least once), ``usage_min``,
+    ``usage_freq`` (frequency above 0.01/K), ``perplexity``, ``dead_codes``, ``bits_used``, ``bits_capacity``."""
 
     Config = UsageConfig
 
     def evaluate(self, model, loader) -> dict[str, float]:
         sizes = list(model.quantizer.codebook_sizes)
-        totals = [torch.zeros(n, dtype=torch.long) for n in sizes]
         device = device_of(model)
-        for batch in loader:
+        totals = [torch.zeros(n, dtype=torch.long, device=device) for n in sizes]
+        for batch in loader:  # counts stay on the device; one transfer at the end
             for t, c in zip(totals, code_counts(model.encode(batch["image"].to(device)), sizes)):
                 t += c
-        return usage_stats(totals, self.cfg.min_frequency, self.cfg.per_codebook_max)
+        return usage_stats(totals, self.cfg.freq_threshold, self.cfg.per_codebook_max)
 
 
 @hookimpl

@@ -1,10 +1,22 @@
 """Finite scalar quantization (FSQ, Mentzer et al. 2023, Sec. 3): each channel i is bounded to
 L_i levels and rounded; no codebook, no auxiliary loss (the baseline without entropy or VQ terms).
 
-Bounding (paper, App. A): f(z) = tanh(z + shift) * h - offset with h = (L - 1)(1 - eps)/2,
-offset = 0.5 for even L (0 for odd), shift = atanh(offset / h); then round with straight-through
-and divide by floor(L/2), so codes lie in [-1, 1]. Index convention: mixed radix, channel 0 least
-significant: ``index = sum_i digit_i prod_{j<i} L_j`` with ``digit_i = round(f(z_i)) + floor(L_i/2)``.
+Bounding (paper, App. A.1, ``FSQ.bound``): f(z) = tanh(z + shift) * h - offset with
+h = (L - 1)(1 - eps)/2, eps = 1e-3, offset = 0.5 for even L (0 for odd); then round with
+straight-through and divide by floor(L/2), so codes lie in [-1, 1]. f's range
+(-h - offset, h - offset) rounds to exactly the L integers -floor(L/2) .. ceil(L/2) - 1.
+
+``shift`` (even L only; 0 for odd L) moves z = 0 towards code 0:
+
+- ``tan`` (default): shift = tan(offset / h), what the paper's reference code computes. Defined for
+  every L >= 2; for L = 2 (codes -1, 0) z = 0 lands inside code 0, with the boundary at z = -shift.
+- ``atanh``: shift = atanh(offset / h), so that f(0) = 0 exactly (the variant
+  vector-quantize-pytorch's ``FSQ.bound`` uses, there with h = (L - 1)(1 + eps)/2). For L = 2,
+  offset / h > 1 and atanh is undefined: rejected with a config error. For L >= 4 the two agree
+  to 3e-4 in the shift.
+
+Index convention: mixed radix, channel 0 least significant:
+``index = sum_i digit_i prod_{j<i} L_j`` with ``digit_i = round(f(z_i)) + floor(L_i/2)``.
 """
 from __future__ import annotations
 
@@ -12,7 +24,7 @@ import math
 from typing import Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from torch import Tensor
 
 from core.hookspecs import hookimpl
@@ -25,6 +37,7 @@ MAX_COUNTED_CODES = 1 << 20  # usage over the implicit codebook only up to 2^20 
 class FSQConfig(QuantizerConfig):
     type: Literal["fsq"] = "fsq"
     levels: list[int] = Field(default_factory=lambda: [8, 5, 5, 5])  # L_i per channel; codebook prod(L_i)
+    shift: Literal["tan", "atanh"] = "tan"  # even-L shift: the paper's code (tan) or f(0) = 0 exactly (atanh)
 
     @field_validator("levels")
     @classmethod
@@ -34,6 +47,12 @@ class FSQConfig(QuantizerConfig):
         if math.prod(v) >= 2**62:
             raise ValueError("prod(levels) must stay below 2^62 (int64 indices)")
         return v
+
+    @model_validator(mode="after")
+    def _check_shift(self) -> "FSQConfig":
+        if self.shift == "atanh" and 2 in self.levels:
+            raise ValueError("a level of 2 needs shift: tan (atanh(offset / half-width) is undefined for L = 2)")
+        return self
 
     @property
     def latent_dim(self) -> int:
@@ -53,7 +72,8 @@ class FSQ(Quantizer):
         offset = torch.where(levels % 2 == 0, 0.5, 0.0)
         self.register_buffer("half_range", half, persistent=False)
         self.register_buffer("offset", offset, persistent=False)
-        self.register_buffer("shift", torch.atanh(offset / half), persistent=False)
+        shift = torch.tan(offset / half) if cfg.shift == "tan" else torch.atanh(offset / half)
+        self.register_buffer("shift", shift, persistent=False)
         self.register_buffer("width", torch.floor(levels / 2), persistent=False)
         radix = [math.prod(cfg.levels[:i]) for i in range(len(cfg.levels))]
         self.register_buffer("radix", torch.tensor(radix, dtype=torch.long), persistent=False)
