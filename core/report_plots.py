@@ -34,7 +34,7 @@ PREFIX_DIRECTIONS: dict[str, Direction] = {
 
 # the headline metrics, in the order a default report shows them (when present)
 HEADLINE = ["psnr", "ssim", "rfid", "fd_refnet", "lpips_vgg", "lpips_alex", "zero_shot_top1", "linear_probe_top1",
-            "usage", "perplexity", "bits_used", "dead_codes"]
+            "usage", "dead_codes", "perplexity", "bits_used"]
 MAX_DEFAULT = 8
 
 # names papers print for our metrics (compared case- and punctuation-insensitively)
