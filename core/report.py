@@ -32,6 +32,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from core.display import plain as _plain
 from core.errors import ConfigError
 
 HOLDS, FAILS, INCONCLUSIVE = "holds", "does not hold", "inconclusive"
@@ -393,7 +394,7 @@ def write_report(raw: dict[str, Any], exp: Any, out_dir: str | Path = "reports",
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m core.report", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m core.report", description=_plain(__doc__.split("\n\n")[0]))
     p.add_argument("experiment", help="the sweep's experiment YAML file")
     p.add_argument("overrides", nargs="*", help="the same dotted key=value overrides the sweep ran with")
     p.add_argument("--out", default="reports", help="directory for <name>.md and <name>.png (default: reports)")

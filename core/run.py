@@ -11,13 +11,14 @@ from typing import Any
 
 import yaml
 
+from core.display import plain as _plain
 from core.errors import ConfigError
 
 EXIT_BAD_INPUT = 2
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m core.run", description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(prog="python -m core.run", description=_plain(__doc__.split("\n\n")[0]),
                                 epilog="example: python -m core.run experiments/quickstart.yaml train.steps=200 model.quantizer.codebook_size=256")
     p.add_argument("experiment", nargs="?", help="experiment YAML file")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, values parsed as YAML")

@@ -311,3 +311,42 @@ def test_sweep_parent_named_after_study_carries_means_and_report_even_after_plug
     assert report.main([str(path), "--out", str(tmp_path / "again"), "--no-mlflow"]) == 0
     md = (tmp_path / "again" / "tiny_sweep.md").read_text()
     assert "| vq16 | 1 |" in md and "| fsq | 1 |" in md
+
+
+# ---- core.tokenize ---------------------------------------------------------------------------------
+
+
+def test_tokenize_help_examples_run_and_default_to_the_eval_images(in_tmp, capsys):
+    import shlex
+
+    from safetensors import safe_open
+
+    from core import tokenize
+    from core.trainer import train
+
+    run_dir = train(validate(tiny_experiment(**{"train.steps": 1, "data.train_size": 64}))).run_dir
+    examples = [line.strip() for line in tokenize.EXAMPLES.splitlines() if line.strip().startswith("python -m core.tokenize")]
+    assert len(examples) == 4
+    for ex in examples:
+        argv = [str(run_dir) if a == "RUN" else a for a in shlex.split(ex)[3:]]
+        assert tokenize.main(argv) == 0, ex
+    err = capsys.readouterr().err
+    assert "encoding 16 eval image(s) (--limit 16; --limit all for the whole split)" in err  # train.eval_size, not 64
+    with safe_open("tokens.safetensors", framework="pt") as f:  # the last encode: --limit all train_size=1000
+        assert f.get_tensor("indices").shape[0] == 1000
+    with safe_open("train_tokens.safetensors", framework="pt") as f:
+        assert f.get_tensor("indices").shape[0] == 64  # --limit 5000 of a 64-image train split
+    assert len(list(Path("images").glob("*.png"))) == 1000
+    assert tokenize.main(["--run", str(run_dir), "--out", "x.safetensors", "--limit", "0"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["error: --limit: a positive number of images or 'all', got '0'"]
+
+
+def test_help_texts_have_no_rst_markup_and_bench_is_whole():
+    import subprocess
+    import sys
+
+    for mod in ("core.run", "core.report", "core.tokenize", "core.bench"):
+        out = subprocess.run([sys.executable, "-m", mod, "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120).stdout
+        assert "``" not in out and ":func:" not in out, mod
+    bench = subprocess.run([sys.executable, "-m", "core.bench", "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120).stdout
+    assert "python -m core.bench train" in " ".join(bench.split())
