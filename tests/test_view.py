@@ -350,3 +350,15 @@ def test_help_texts_have_no_rst_markup_and_bench_is_whole():
         assert "``" not in out and ":func:" not in out, mod
     bench = subprocess.run([sys.executable, "-m", "core.bench", "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120).stdout
     assert "python -m core.bench train" in " ".join(bench.split())
+
+
+def test_dataset_errors_are_not_doubly_prefixed(in_tmp, capsys):
+    from core.run import main
+
+    (in_tmp / "e.yaml").write_text(
+        "name: e\ndata: {type: image_folder, root: nowhere, image_size: 16}\n"
+        "model: {encoder: {type: conv, width: 8, downsample: 4}, quantizer: {type: vq, codebook_size: 8, code_dim: 8},"
+        " decoder: {type: conv, width: 8}}\nlosses: [{type: pixel}]\ntracking: {enabled: false}\n")
+    assert main(["e.yaml"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: data.root: ") and "data.data" not in err
