@@ -388,7 +388,7 @@ def write_report(raw: dict[str, Any], exp: Any, out_dir: str | Path = "reports",
         client.log_artifact(info["parent"], str(png), "report")
         for i, (claim, verdict, m, _) in enumerate(info["verdicts"]):
             client.set_tag(info["parent"], f"vtok.claim.{i}", f"{verdict} ({_fmt_margin(m)}): {claim.text or _claim_text(claim)}")
-        log_summary(client, info["parent"], info["values"], info["metrics"])
+        log_summary(client, info["parent"], info["values"], info["metrics"], info["order"])
         attached = info["parent"]
     return md, md_path, png, attached
 

@@ -887,6 +887,10 @@ def summarise(raw: dict[str, Any], exp: Any) -> None:
         _, md_path, png, attached = report.write_report(raw, report.stored_view(raw), Path(exp.train.out_dir).parent / "reports")
         print(f"vtok sweep: report {md_path}, {png}" + (f" (attached to the parent MLflow run {attached})" if attached else ""),
               file=sys.stderr)
+        if attached:
+            from core.tracking import ui_hint
+
+            print(f"vtok sweep: to look: {ui_hint(exp.tracking.uri, run_id=attached)}", file=sys.stderr)
     except Exception as e:  # noqa: BLE001
         print(f"vtok sweep: no report ({type(e).__name__}: {e})", file=sys.stderr)
 

@@ -77,10 +77,23 @@ def param_value(v: Any) -> str:
     return json.dumps(v, separators=(", ", ": "))
 
 
+# overrides that do not change what a run computes are left out of its name
+_NOT_IN_NAME = ("tracking.", "train.progress", "train.resume", "train.out_dir", "train.device", "train.num_workers",
+                "train.log_every", "train.eval_every", "train.ckpt_every", "train.keep_checkpoints", "train.eval_batch_size")
+_NAME_ORDER = ("model.", "losses", "data.", "train.", "eval")  # what the run is, first
+
+
 def override_label(overrides: list[str]) -> str:
-    """``model.quantizer.codebook_size=256 train.steps=300`` -> ``codebook_size=256 steps=300``:
-    each key by its last component, or by as many trailing components as tell it apart."""
-    pairs = [o.split("=", 1) if "=" in o else [o, ""] for o in overrides]
+    """``train.steps=300 model.quantizer.codebook_size=256`` -> ``codebook_size=256 steps=300``: the
+    overrides that change the computation, the model's first, each key by its last component (or
+    as many trailing components as tell it apart)."""
+    kept = [o for o in overrides if not o.strip().startswith(_NOT_IN_NAME)]
+
+    def rank(o: str) -> int:
+        return next((i for i, p in enumerate(_NAME_ORDER) if o.strip().startswith(p)), len(_NAME_ORDER))
+
+    kept.sort(key=rank)  # stable: the command line's order within a group
+    pairs = [o.split("=", 1) if "=" in o else [o, ""] for o in kept]
     keys = [k.strip().split(".") for k, _ in pairs]
     names = []
     for i, parts in enumerate(keys):
@@ -99,8 +112,9 @@ def run_name(experiment: str, overrides: list[str] | None = None) -> str:
 
 
 def runs_table_url(base: str, experiment_id: str) -> str:
-    """The classic runs table of one experiment (MLflow 3 would otherwise land on its GenAI pages)."""
-    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs"
+    """The runs table of one experiment in MLflow 3's "Model training" view (it would otherwise land
+    on its GenAI pages; the UI reads ``workflowType`` from the address)."""
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 def ui_hint(uri: str | None, experiment_id: str | None = None, run_id: str | None = None) -> str:
@@ -140,22 +154,26 @@ def ensure_experiment(client: Any, name: str) -> str:
     return exp.experiment_id
 
 
-def log_summary(client: Any, run_id: str, values: dict[str, dict[str, list[float]]], metrics: list[str] | None = None) -> int:
-    """Per-cell means over seeds on a sweep's parent run, as ``<metric>/<cell>`` (one chart section
-    per metric in the run's chart view), and the seed count as ``seeds/<cell>``. Returns how many."""
-    from mlflow.entities import Metric
+def log_summary(client: Any, run_id: str, values: dict[str, dict[str, list[float]]], metrics: list[str] | None = None,
+                order: list[str] | None = None) -> int:
+    """Per-cell means over seeds on a sweep's parent run: ``cells/<metric>`` at step i for the i-th
+    cell (one chart per metric across the cells, in the report's order; the tag ``vtok.cell_steps``
+    says which step is which cell) and the seed counts as ``cells/seeds``. Returns how many points."""
+    from mlflow.entities import Metric, RunTag
 
+    cells = [c for c in (order or []) if c in values] + [c for c in values if c not in (order or [])]
     ts = int(time.time() * 1000)
     rows = []
-    for cell, per_metric in values.items():
-        for m, seeds in per_metric.items():
+    for i, cell in enumerate(cells):
+        for m, seeds in values[cell].items():
             if metrics is not None and m not in metrics or not seeds:
                 continue
-            rows.append(Metric(f"{m}/{_metric_key(cell)}", sum(seeds) / len(seeds), ts, 0))
-        n = max((len(v) for v in per_metric.values()), default=0)
-        rows.append(Metric(f"seeds/{_metric_key(cell)}", float(n), ts, 0))
+            rows.append(Metric(f"cells/{_metric_key(m)}", sum(seeds) / len(seeds), ts, i))
+        rows.append(Metric("cells/seeds", float(max((len(v) for v in values[cell].values()), default=0)), ts, i))
     for i in range(0, len(rows), BATCH):
         client.log_batch(run_id, metrics=rows[i : i + BATCH])
+    mapping = ", ".join(f"{i}: {c}" for i, c in enumerate(cells))
+    client.log_batch(run_id, tags=[RunTag("vtok.cell_steps", mapping[:5000])])
     return len(rows)
 
 

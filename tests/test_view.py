@@ -27,7 +27,8 @@ def test_param_values_are_yaml_not_python_reprs():
 def test_run_name_says_what_the_overrides_changed():
     from core.tracking import override_label, run_name
 
-    assert run_name("quickstart", ["model.quantizer.codebook_size=256", "train.steps=300"]) == "quickstart codebook_size=256 steps=300"
+    assert run_name("quickstart", ["train.steps=300", "model.quantizer.codebook_size=256", "train.progress=false",
+                                   "tracking.uri=x"]) == "quickstart codebook_size=256 steps=300"
     assert run_name("quickstart", []) == "quickstart"
     # the same last component twice: enough of the path to tell them apart
     assert override_label(["model.encoder.width=8", "model.decoder.width=16"]) == "encoder.width=8 decoder.width=16"
@@ -48,7 +49,7 @@ def test_single_run_in_mlflow_named_tagged_with_plain_params_and_counts(in_tmp, 
     exp = client.get_experiment_by_name("quickstart")
     assert exp.tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND  # MLflow 3 opens the runs table, not GenAI pages
     (run,) = client.search_runs([exp.experiment_id])
-    assert run.info.run_name == "quickstart steps=2 eval_size=16 progress=false train_size=64 codebook_size=32"
+    assert run.info.run_name == "quickstart codebook_size=32 train_size=64 steps=2 eval_size=16"  # model first; no progress
     assert run.data.tags["vtok.overrides"].split() == ["train.steps=2", "train.eval_size=16", "train.progress=false",
                                                        "data.train_size=64", "model.quantizer.codebook_size=32"]
     p = run.data.params
@@ -60,7 +61,7 @@ def test_single_run_in_mlflow_named_tagged_with_plain_params_and_counts(in_tmp, 
     assert run.data.tags["mlflow.source.git.commit"] == run.data.tags["vtok.git_sha"]
     hint = next(line for line in out.splitlines() if line.startswith("mlflow run:"))
     assert f"--backend-store-uri sqlite:///{in_tmp / 'mlflow.db'}" in hint
-    assert hint.endswith(f"http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs")
+    assert hint.endswith(f"http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning")
     assert "dead_codes: " in out and "dead_codes: " + str(int(run.data.metrics["dead_codes"])) in out  # a count, not 3.0000
 
 
@@ -69,9 +70,9 @@ def test_hint_honours_mlflow_tracking_uri(in_tmp, monkeypatch):
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///elsewhere.db")
     assert ui_hint(None, "7") == (f"mlflow ui --backend-store-uri sqlite:///{in_tmp / 'elsewhere.db'} --host 127.0.0.1 --port 5000, "
-                                  "then open http://127.0.0.1:5000/#/experiments/7/runs")
+                                  "then open http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.example:5000")
-    assert ui_hint(None, "3") == "http://tracking.example:5000/#/experiments/3/runs"
+    assert ui_hint(None, "3") == "http://tracking.example:5000/#/experiments/3/runs?workflowType=machine_learning"
 
 
 def test_only_rank_zero_prints_the_run_directory(in_tmp, monkeypatch, capsys):
@@ -300,7 +301,10 @@ def test_sweep_parent_named_after_study_carries_means_and_report_even_after_plug
     children = {r.info.run_name for r in runs if r.data.tags.get("vtok.sweep") == "child"}
     assert parent.info.run_name == "codebooks_study (sweep)" and children == {"vq16 seed 0", "fsq seed 0"}
     psnr = {r.info.run_name.split()[0]: r.data.metrics["psnr"] for r in runs if r.data.tags.get("vtok.sweep") == "child"}
-    assert parent.data.metrics["psnr/vq16"] == pytest.approx(psnr["vq16"]) and parent.data.metrics["psnr/fsq"] == pytest.approx(psnr["fsq"])
+    history = {m.step: m.value for m in client.get_metric_history(parent.info.run_id, "cells/psnr")}
+    assert parent.data.tags["vtok.cell_steps"] == "0: vq16, 1: fsq"  # the report's (grid) order
+    assert history == pytest.approx({0: psnr["vq16"], 1: psnr["fsq"]})
+    assert "psnr" not in parent.data.metrics  # the parent does not pose as a run in the children's charts
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "report")} == {"report/tiny_sweep.md", "report/tiny_sweep.png"}
     # the quantizer plugins are gone (an unknown type everywhere): the stored study is still reported
     raw = yaml.safe_load(path.read_text())
