@@ -151,6 +151,20 @@ def save_usage_over_time(history: list[tuple[int, list[float]]], path: Path) -> 
     return path
 
 
+def _logged_history(tracker: Any, k: int, before: int) -> list[tuple[int, list[float]]]:
+    """(step, used % per sub-codebook) logged by this run's earlier evaluations (before a resume)."""
+    client, run_id = getattr(tracker, "client", None), getattr(tracker, "run_id", None)
+    if client is None or run_id is None:
+        return []
+    try:
+        per_k = [{m.step: m.value for m in client.get_metric_history(run_id, f"codebook/used_pct_{j}")}
+                 for j in range(min(k, MAX_PANELS))]
+    except Exception:  # noqa: BLE001 - a picture must not fail the run
+        return []
+    steps = sorted(s for s in per_k[0] if s < before) if per_k else []
+    return [(s, [h.get(s, math.nan) for h in per_k]) for s in steps]
+
+
 def log_eval_figures(tracker: Any, model: Any, loader: Any, run_dir: Path, step: int,
                      history: list[tuple[int, list[float]]]) -> None:
     """Write and log the evaluation's pictures (``history`` collects usage per evaluation)."""
@@ -160,6 +174,8 @@ def log_eval_figures(tracker: Any, model: Any, loader: Any, run_dir: Path, step:
     if counts is None:
         return
     pct = used_pct(counts)
+    if not history:  # a resumed run: the evaluations before the resume are in MLflow
+        history.extend(_logged_history(tracker, len(pct), step))
     history.append((step, pct))
     tracker.log_metrics({f"codebook/used_pct_{k}": v for k, v in enumerate(pct[:MAX_PANELS])}, step)
     fig_dir = run_dir / "figures"

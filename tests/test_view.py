@@ -366,3 +366,24 @@ def test_dataset_errors_are_not_doubly_prefixed(in_tmp, capsys):
     assert main(["e.yaml"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: data.root: ") and "data.data" not in err
+
+
+def test_usage_over_time_keeps_the_evaluations_before_a_resume(in_tmp):
+    from mlflow.tracking import MlflowClient
+
+    from core.figures import _logged_history
+    from core.tracking import resolve_uri
+    from core.trainer import train
+
+    over = {"tracking.enabled": True, "train.eval_every": 2}
+    train(validate(tiny_experiment(**over, **{"train.steps": 2})))
+    result = train(validate(tiny_experiment(**over, **{"train.steps": 4})))  # continued: evaluations at 2 and 4
+    client = MlflowClient(resolve_uri(None))
+    hist = client.get_metric_history(result.run_id, "codebook/used_pct_0")
+    assert sorted(m.step for m in hist) == [2, 4]
+
+    class T:
+        pass
+    t = T()
+    t.client, t.run_id = client, result.run_id
+    assert [s for s, _ in _logged_history(t, 1, 4)] == [2]
