@@ -335,7 +335,9 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m core.bench", description=__doc__.splitlines()[0])
+    from core.display import plain
+
+    parser = argparse.ArgumentParser(prog="python -m core.bench", description=plain(__doc__.split("\n\n")[0]))
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_, add_args, _) in COMMANDS.items():
         add_args(sub.add_parser(name, help=help_))

@@ -57,7 +57,8 @@ class TextConfig(Strict):
 
 
 class TrainConfig(Strict):
-    steps: int = Field(1000, gt=0)
+    steps: int = Field(1000, gt=0, description="optimizer steps; raising it on a finished run continues that run "
+                       "(not in the run directory's hash; the schedule's horizon becomes the new total)")
     batch_size: int = Field(32, gt=0, description="global batch (split across ranks)")
     lr: float = Field(5e-4, gt=0)
     weight_decay: float = Field(0.02, ge=0)
@@ -187,12 +188,53 @@ def _index(lst: list, part: str, path: str) -> int:
     return int(part)
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+def apply_overrides(data: dict[str, Any], overrides: list[str], reg: Registry | None = None) -> dict[str, Any]:
     data = copy.deepcopy(data)
     for item in overrides:
         parts, value = parse_override(item)
+        if parts[-1] == "type" and len(parts) > 1:
+            _switch_type(data, parts[:-1], value, reg)
         set_dotted(data, parts, value)
     return data
+
+
+def _slot_kind(parts: list[str]) -> str | None:
+    """The registry kind of a plugin slot path (``model.quantizer`` -> quantizers, ``losses.1`` -> losses)."""
+    path = ".".join(parts)
+    for slot, kind in SLOTS.items():
+        if slot == path or (slot.endswith(".*") and len(parts) == 2 and parts[0] == slot[:-2] and parts[1].lstrip("-").isdigit()):
+            return kind
+    return None
+
+
+def _switch_type(data: dict[str, Any], parts: list[str], new_type: Any, reg: Registry | None) -> None:
+    """``model.quantizer.type=fsq`` on a vq quantizer: drop the fields fsq does not have (and say so
+    in one line), so switching a component's type works as people write it."""
+    import sys
+
+    node: Any = data
+    for part in parts:
+        if isinstance(node, dict):
+            node = node.get(part)
+        elif isinstance(node, list) and part.lstrip("-").isdigit() and -len(node) <= int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return
+    kind = _slot_kind(parts)
+    if kind is None or not isinstance(node, dict) or node.get("type") in (None, new_type):
+        return
+    reg = reg or get_registry()
+    comp = reg.components.get(kind, {}).get(new_type) if isinstance(new_type, str) else None
+    if comp is None:
+        return  # validation names the unknown type
+    fields = set(comp.cls.Config.model_fields)
+    dropped = [k for k in node if k != "type" and k not in fields]
+    for k in dropped:
+        del node[k]
+    if dropped:
+        where = ".".join(parts)
+        print(f"vtok: {where}.type={new_type}: dropped {', '.join(dropped)} ('{new_type}' has no such fields)",
+              file=sys.stderr)
 
 
 # --------------------------------------------------------------------------------------------
@@ -343,7 +385,8 @@ def to_dict(exp: BaseModel) -> dict[str, Any]:
 
 
 # keys that do not change what a run computes (excluded from the config hash)
-_VOLATILE = {("train", "resume"), ("train", "progress"), ("train", "out_dir"), ("tracking",), ("sweep",), ("paper",)}
+# train.steps is left out so that raising it continues a finished run in the same directory
+_VOLATILE = {("train", "resume"), ("train", "progress"), ("train", "out_dir"), ("train", "steps"), ("tracking",), ("sweep",), ("paper",)}
 
 
 def config_hash(exp: BaseModel) -> str:

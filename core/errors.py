@@ -10,6 +10,9 @@ class ConfigError(Exception):
         self.message = message
 
     def at(self, prefix: str) -> "ConfigError":
-        """The same error re-rooted under ``prefix`` (e.g. ``model.quantizer``)."""
+        """The same error re-rooted under ``prefix`` (e.g. ``model.quantizer``); a path already under
+        it (a plugin that named ``data.root`` itself) is kept, not doubled."""
+        if prefix and self.path and (self.path == prefix or self.path.startswith(prefix + ".")):
+            return ConfigError(self.path, self.message)
         path = f"{prefix}.{self.path}" if self.path and prefix else (prefix or self.path)
         return ConfigError(path, self.message)

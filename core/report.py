@@ -36,10 +36,10 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from core import stats
+from core.display import plain as _plain
 from core.errors import ConfigError
 from core.stats import FAILS, HOLDS, INCONCLUSIVE  # noqa: F401 (the verdicts, re-exported)
 
-LOWER_IS_BETTER = ("fd", "fid", "lpips", "loss", "mse", "error")
 
 
 class Strict(BaseModel):
@@ -51,7 +51,7 @@ class Claim(Strict):
 
     text: str = ""  # the claim in words (printed)
     metric: str  # our metric the claim is about
-    direction: Optional[Literal["higher", "lower"]] = None  # which way is better (default: paper.metrics, else by name)
+    direction: Optional[Literal["higher", "lower"]] = None  # which way is better (default: paper.metrics, else core.report_plots.DIRECTIONS)
     better: Optional[str] = None  # cell claimed better ...
     than: Optional[str] = None  # ... than this cell
     order: Optional[list[str]] = None  # cells from worst to best
@@ -130,12 +130,19 @@ def pooled_std(a: list[float], b: list[float]) -> float:
     return math.sqrt(((na - 1) * statistics.variance(a) + (nb - 1) * statistics.variance(b)) / (na + nb - 2))
 
 
-def higher_is_better(metric: str, paper: Paper, claim: Claim | None = None) -> bool:
+def metric_direction(metric: str, paper: Paper, claim: Claim | None = None) -> str | None:
+    """'higher' / 'lower' / None: the claim's, else paper.metrics', else the table in core.report_plots."""
+    from core.report_plots import direction
+
     if claim is not None and claim.direction:
-        return claim.direction == "higher"
+        return claim.direction
     if metric in paper.metrics:
-        return paper.metrics[metric] == "higher"
-    return not any(tag in metric.lower() for tag in LOWER_IS_BETTER)
+        return paper.metrics[metric]
+    return direction(metric)
+
+
+def higher_is_better(metric: str, paper: Paper, claim: Claim | None = None) -> bool:
+    return metric_direction(metric, paper, claim) != "lower"
 
 
 def judge_claim(claim: Claim, values: dict[str, dict[str, Any]], paper: Paper,
@@ -216,10 +223,11 @@ def _fmt_margin(m: float) -> str:
 
 
 def shown_metrics(values: dict[str, dict[str, list[float]]], paper: Paper, objective: str | None) -> list[str]:
-    if paper.metrics:
-        names = list(paper.metrics)
-    else:
-        names = sorted({k for cell in values.values() for k in cell if not k.startswith("linear_probe_fit")})
+    from core.report_plots import default_metrics
+
+    if not paper.metrics:  # a readable default subset, not every metric the evaluators emit
+        return default_metrics(values, objective, [c.metric for c in paper.claims])
+    names = list(paper.metrics)
     if objective and objective not in names:
         names.insert(0, objective)
     return names
@@ -239,8 +247,10 @@ def render(title: str, paper: Paper, values: dict[str, dict[str, list[float]]], 
     lines.append(f"Runs: {timing['runs']} finished, {len(failed)} failed; wall time {timing['wall_s'] / 60:.1f} min "
                  f"(sum of run times {timing['busy_s'] / 60:.1f} min).")
     lines += ["", "## Results (mean ± std over seeds)", ""]
-    arrows = {m: ("↑" if higher_is_better(m, paper) else "↓") for m in metrics}
-    head = ["cell", "seeds"] + [f"{m} {arrows[m]}" for m in metrics] + [f"paper: {p}" for p in paper_cols]
+    from core.report_plots import arrow
+
+    arrows = {m: arrow(metric_direction(m, paper)) for m in metrics}
+    head = ["cell", "seeds"] + [f"{m} {arrows[m]}".strip() for m in metrics] + [f"paper: {p}" for p in paper_cols]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in cells:
         n = max((len(v) for v in values[c].values()), default=0)
@@ -278,24 +288,13 @@ def _claim_text(c: Claim) -> str:
     return " < ".join(c.order or [])
 
 
-def plot(values: dict[str, dict[str, list[float]]], cells: list[str], metrics: list[str], path: Path, title: str) -> Path:
-    import matplotlib
+def plot(values: dict[str, dict[str, list[float]]], cells: list[str], metrics: list[str], path: Path, title: str,
+         paper: Paper | None = None) -> Path:
+    from core import report_plots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    metrics = [m for m in metrics if any(values.get(c, {}).get(m) for c in cells)] or ["(none)"]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(max(4.0, 3.2 * len(metrics)), 3.4), squeeze=False)
-    for ax, m in zip(axes[0], metrics):
-        stats = [mean_std(values.get(c, {}).get(m, [])) for c in cells]
-        ax.bar(range(len(cells)), [s[0] for s in stats], yerr=[0 if math.isnan(s[1]) else s[1] for s in stats], capsize=3)
-        ax.set_xticks(range(len(cells)), cells, rotation=45, ha="right", fontsize=7)
-        ax.set_title(m, fontsize=9)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    paper = paper or Paper()
+    return report_plots.plot(values, cells, metrics, path, title, paper.figures,
+                             {m: metric_direction(m, paper) for m in metrics})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -340,40 +339,70 @@ def build_report(raw: dict[str, Any], exp: Any) -> tuple[str, dict[str, Any]]:
                 "metrics": shown_metrics(values, paper, sw.objective.metric)}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m core.report", description=__doc__.splitlines()[0])
-    p.add_argument("experiment", help="the sweep's experiment YAML file")
-    p.add_argument("overrides", nargs="*", help="the same dotted key=value overrides the sweep ran with")
-    p.add_argument("--out", default="reports", help="directory for <name>.md and <name>.png (default: reports)")
-    p.add_argument("--no-mlflow", action="store_true", help="do not attach the report to the parent MLflow run")
-    args = p.parse_args(argv)
-    try:
-        from core.config import apply_overrides, read_yaml, validate
+def stored_view(raw: dict[str, Any]) -> Any:
+    """What a report needs from the experiment file (name, sweep, paper, tracking), read without
+    validating the plugin configs: a finished study stays reportable after a plugin is uninstalled."""
+    from types import SimpleNamespace
 
-        raw = apply_overrides(read_yaml(args.experiment), args.overrides)
-        exp = validate(raw)
-        md, info = build_report(raw, exp)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(md)
-    out = Path(args.out)
+    from pydantic import TypeAdapter
+
+    from core.config import TrackingConfig
+
+    name = raw.get("name", "experiment")
+    if not isinstance(name, str) or not name:
+        raise ConfigError("name", "a non-empty string is required")
+    try:
+        tracking = TypeAdapter(TrackingConfig).validate_python(raw.get("tracking") or {})
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise ConfigError(".".join(["tracking", *(str(p) for p in err["loc"])]), err["msg"]) from None
+    return SimpleNamespace(name=name, sweep=raw.get("sweep"), paper=raw.get("paper"), tracking=tracking)
+
+
+def write_report(raw: dict[str, Any], exp: Any, out_dir: str | Path = "reports", attach: bool = True) -> tuple[str, Path, Path, str | None]:
+    """Build the report, write ``<out>/<name>.md`` and ``.png``, and (``attach``) put both, the claims'
+    verdicts and the per-cell means on the sweep's parent MLflow run. Returns (markdown, md path,
+    png path, the parent run id it was attached to or None)."""
+    md, info = build_report(raw, exp)
+    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     md_path = out / f"{exp.name}.md"
     md_path.write_text(md)
-    png = plot(info["values"], info["order"], info["metrics"], out / f"{exp.name}.png", exp.name)
-    if info["parent"] and exp.tracking.enabled and not args.no_mlflow:
+    png = plot(info["values"], info["order"], info["metrics"], out / f"{exp.name}.png", exp.name, info["paper"])
+    attached = None
+    if info["parent"] and exp.tracking.enabled and attach:
         from mlflow.tracking import MlflowClient
 
-        from core.tracking import resolve_uri
+        from core.tracking import log_summary, resolve_uri
 
         client = MlflowClient(tracking_uri=resolve_uri(exp.tracking.uri))
         client.log_artifact(info["parent"], str(md_path), "report")
         client.log_artifact(info["parent"], str(png), "report")
         for i, (claim, verdict, m, *_) in enumerate(info["verdicts"]):
             client.set_tag(info["parent"], f"vtok.claim.{i}", f"{verdict} ({_fmt_margin(m)}): {claim.text or _claim_text(claim)}")
-    attached = info["parent"] and exp.tracking.enabled and not args.no_mlflow
-    print(f"written: {md_path}, {png}" + (f"; attached to MLflow run {info['parent']}" if attached else ""), file=sys.stderr)
+        log_summary(client, info["parent"], info["values"], info["metrics"], info["order"])
+        attached = info["parent"]
+    return md, md_path, png, attached
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m core.report", description=_plain(__doc__.split("\n\n")[0]))
+    p.add_argument("experiment", help="the sweep's experiment YAML file")
+    p.add_argument("overrides", nargs="*", help="the same dotted key=value overrides the sweep ran with")
+    p.add_argument("--out", default="reports", help="directory for <name>.md and <name>.png (default: reports)")
+    p.add_argument("--no-mlflow", action="store_true", help="do not attach the report to the parent MLflow run")
+    args = p.parse_args(argv)
+    try:
+        from core.config import apply_overrides, read_yaml
+
+        raw = apply_overrides(read_yaml(args.experiment), args.overrides)
+        exp = stored_view(raw)
+        md, md_path, png, attached = write_report(raw, exp, args.out, attach=not args.no_mlflow)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(md)
+    print(f"written: {md_path}, {png}" + (f"; attached to MLflow run {attached}" if attached else ""), file=sys.stderr)
     return 0
 
 

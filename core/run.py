@@ -11,13 +11,14 @@ from typing import Any
 
 import yaml
 
+from core.display import plain as _plain
 from core.errors import ConfigError
 
 EXIT_BAD_INPUT = 2
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m core.run", description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(prog="python -m core.run", description=_plain(__doc__.split("\n\n")[0]),
                                 epilog="example: python -m core.run experiments/quickstart.yaml train.steps=200 model.quantizer.codebook_size=256")
     p.add_argument("experiment", nargs="?", help="experiment YAML file")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, values parsed as YAML")
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             dry_run(exp)
             return 0
-        return train_once(exp)
+        return train_once(exp, args.overrides)
     except ConfigError as e:
         if args.debug:
             traceback.print_exc()
@@ -75,22 +76,28 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def train_once(exp: Any) -> int:
+def train_once(exp: Any, overrides: list[str] | None = None) -> int:
     from core import dist
+    from core.display import fmt_value
+    from core.tracking import run_name
     from core.trainer import build, train
 
     dist.setup_from_env()
+    rank = dist.rank()  # read before teardown: afterwards every process looks like rank 0
+    tags = {"vtok.overrides": " ".join(overrides)} if overrides else {}
     try:
         built = build(exp)  # may raise ConfigError: before any file or MLflow run exists
-        result = train(exp, built=built)
+        result = train(exp, built=built, tags=tags, run_name=run_name(exp.name, overrides))
     finally:
         dist.teardown()
-    if dist.rank() == 0:
+    if rank == 0:
         print(f"run directory: {result.run_dir}")
         if result.run_id:
-            print(f"mlflow run: {result.run_id} (mlflow ui --backend-store-uri {exp.tracking.uri or 'sqlite:///mlflow.db'})")
+            from core.tracking import ui_hint
+
+            print(f"mlflow run: {result.run_id}; to look: {ui_hint(exp.tracking.uri, run_id=result.run_id)}")
         for k, v in result.metrics.items():
-            print(f"{k}: {v:.4f}")
+            print(f"{k}: {fmt_value(v)}")
     return 0
 
 

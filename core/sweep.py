@@ -571,7 +571,7 @@ def parent_run(exp: Any, sw: SweepConfig, study: Any, planned: int) -> str | Non
         tags["vtok.paper"] = str(exp.paper["source"])
     params = {"sweep.sampler": sw.sampler, "sweep.seeds": sw.seeds, "sweep.keys": ",".join(sw.space),
               "sweep.study": study.study_name, "sweep.storage": _display_storage(sw.storage_url())}
-    run_id = tracker.start(f"{exp.name}-sweep", params, tags)
+    run_id = tracker.start(f"{study.study_name} (sweep)", params, tags)
     study.set_user_attr(STUDY_PARENT, run_id)
     time.sleep(0.05)
     winner = _reload_attr(study, STUDY_PARENT)
@@ -647,7 +647,7 @@ def run_cell(exp: Any, cell_choices: dict[str, Any], seed: int, trial: Any, pare
     tags = {"vtok.sweep": "child", "vtok.cell": label, "vtok.seed": str(seed), "vtok.trial": str(trial.number),
             "vtok.study": trial.study.study_name, **{f"sweep.{k}": _name(v) for k, v in cell_choices.items()}}
     params = {f"sweep.{k}": _name(v) for k, v in cell_choices.items()}
-    tracker = CellTracker(exp, params, f"{label}-seed{seed}", trial) if exp.tracking.enabled else Tracker()
+    tracker = CellTracker(exp, params, f"{label} seed {seed}", trial) if exp.tracking.enabled else Tracker()
 
     on_eval = None
     if report_to_trial:
@@ -663,7 +663,7 @@ def run_cell(exp: Any, cell_choices: dict[str, Any], seed: int, trial: Any, pare
         built = build(exp)
         result = train(exp, built=built, parent_run_id=parent_id, tags=tags, on_eval=on_eval, tracker=tracker)
     except BaseException as e:
-        _record_failure(exp, tracker, tags, params, parent_id, f"{label}-seed{seed}", e)
+        _record_failure(exp, tracker, tags, params, parent_id, f"{label} seed {seed}", e)
         raise
     return result.metrics
 
@@ -741,6 +741,7 @@ def _run_trial(study: Any, trial: Any, raw: dict[str, Any], sw: SweepConfig, cho
     try:
         for i, seed in enumerate(seeds):
             cell_exp = validate_cell(raw, sw, choices, seed)
+            cell_exp.train.progress = False  # the sweep's own bar (core.progress) shows progress
             print(f"vtok sweep: trial {trial.number} cell {label} seed {seed}", file=sys.stderr)
             metrics = run_cell(cell_exp, choices, seed, trial, parent_id, sw, report_to_trial=prune and i == 0)
             if sw.objective.metric not in metrics:
@@ -844,7 +845,8 @@ def main(path: str, raw: dict[str, Any], exp: Any, dry_run: bool = False) -> int
     parent_id = parent_run(exp, sw, study, total)
     t0 = time.perf_counter()
     try:
-        failed = run_workers(raw, sw)
+        with watch(study, sw, exp, total):
+            failed = run_workers(raw, sw)
     except KeyboardInterrupt:
         if parent_id:
             _kill_runs([parent_id], exp.tracking)
@@ -852,7 +854,45 @@ def main(path: str, raw: dict[str, Any], exp: Any, dry_run: bool = False) -> int
     finish_parent(exp, study, cells if sw.sampler == "grid" else [])
     print(f"vtok sweep: done in {time.perf_counter() - t0:.0f} s; failed runs: {failed}. "
           f"Report: python -m core.report {path}", file=sys.stderr)
+    summarise(raw, exp)
     return 1 if failed else 0
+
+
+def watch(study: Any, sw: SweepConfig, exp: Any, total: int) -> Any:
+    """A live line per landed run (cell, seed, objective) and a whole-sweep bar with an ETA (core.progress)."""
+    from optuna.trial import TrialState
+
+    from core.progress import StudyWatcher, SweepProgress
+
+    per_trial = 1 if sw.sampler == "grid" else len(sw.seeds)
+    done = sum(per_trial for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    progress = SweepProgress(total, min(done, total), sw.objective.metric, bar=exp.train.progress)
+
+    def label(t: Any) -> str:
+        cell = t.user_attrs.get(ATTR_CELL, f"#{t.number}")
+        return f"{cell} seed {t.params['seed']}" if sw.sampler == "grid" and "seed" in t.params else f"trial {t.number} {cell}"
+
+    def runs(t: Any) -> int:
+        return 0 if str(t.user_attrs.get(ATTR_ERROR, "")).startswith("duplicate of trial") else per_trial
+
+    return StudyWatcher(study, progress, label, runs)
+
+
+def summarise(raw: dict[str, Any], exp: Any) -> None:
+    """Write the report and put it and the per-cell means on the parent run (``python -m core.report``
+    does the same on demand); never fails the sweep."""
+    from core import report
+
+    try:
+        _, md_path, png, attached = report.write_report(raw, report.stored_view(raw), Path(exp.train.out_dir).parent / "reports")
+        print(f"vtok sweep: report {md_path}, {png}" + (f" (attached to the parent MLflow run {attached})" if attached else ""),
+              file=sys.stderr)
+        if attached:
+            from core.tracking import ui_hint
+
+            print(f"vtok sweep: to look: {ui_hint(exp.tracking.uri, run_id=attached)}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001
+        print(f"vtok sweep: no report ({type(e).__name__}: {e})", file=sys.stderr)
 
 
 def run_workers(raw: dict[str, Any], sw: SweepConfig) -> int:

@@ -3,7 +3,10 @@
 Encode (indices for training a generator downstream)::
 
     python -m core.tokenize --run RUN --out tokens.safetensors [--data DATA.yaml] [key=value ...]
-                            [--split train|eval] [--limit N] [--batch-size B] [--device cpu]
+                            [--split train|eval] [--limit N|all] [--batch-size B] [--device cpu]
+
+By default the eval split's first ``train.eval_size`` images (the ones the run was evaluated on)
+are encoded; ``--limit N`` or ``--limit all`` says otherwise. A progress bar shows on stderr.
 
 Decode::
 
@@ -38,21 +41,46 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import Tensor
 
+from core.display import plain as _plain
 from core.errors import ConfigError
 
 EXIT_BAD_INPUT = 2
 
 
+EXAMPLES = """examples (RUN is a run directory such as runs/quickstart-<hash>, or an MLflow run id):
+  python -m core.tokenize --run RUN --out tokens.safetensors
+      the run's eval images (as many as its train.eval_size)
+  python -m core.tokenize --run RUN --out train_tokens.safetensors --split train --limit 5000
+  python -m core.tokenize --run RUN --out tokens.safetensors --limit all train_size=1000
+      dataset fields as key=value (here: the shapes eval split is train_size long)
+  python -m core.tokenize --run RUN --decode tokens.safetensors --out images/"""
+
+
+def _limit(text: Optional[str]) -> Optional[int]:
+    """``--limit``: a positive count or ``all`` (None)."""
+    if text is None or text == "all":
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n <= 0:
+        raise ConfigError("--limit", f"a positive number of images or 'all', got {text!r}")
+    return n
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m core.tokenize", description=__doc__.splitlines()[0],
-                                epilog="example: python -m core.tokenize --run runs/quickstart-0123abcd --out tokens.safetensors split=eval")
+    p = argparse.ArgumentParser(prog="python -m core.tokenize", description=_plain(__doc__.split("\n\n")[0]),
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
     p.add_argument("--run", required=True, help="run directory, checkpoint directory or MLflow run id")
     p.add_argument("--out", required=True, help="tokens .safetensors (encode); images .safetensors or a directory of PNGs (decode)")
     p.add_argument("--decode", metavar="TOKENS", help="decode this tokens file instead of encoding a dataset")
     p.add_argument("--data", metavar="DATA.yaml", help="dataset config file (a dataset mapping or an experiment); default: the run's data")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the dataset config fields")
     p.add_argument("--split", default="eval", choices=["train", "eval"], help="dataset split to encode (default: eval)")
-    p.add_argument("--limit", type=int, default=None, help="encode at most this many images")
+    p.add_argument("--limit", metavar="N|all", default=None,
+                   help="encode at most this many images, or 'all' (default: with --split eval the run's train.eval_size, "
+                        "the images it was evaluated on; with --split train all)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     p.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
@@ -120,15 +148,36 @@ def _collate(items: list[dict[str, Any]]) -> tuple[Tensor, Optional[Tensor]]:
 # ---- encode / decode ----------------------------------------------------------------------------
 
 
+def _bar(total: Optional[int], unit: str, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit=unit, dynamic_ncols=True, file=sys.stderr)
+
+
+def _expected(dataset: Any, limit: Optional[int]) -> Optional[int]:
+    try:
+        n = len(dataset)
+    except TypeError:  # a stream
+        return limit
+    return min(n, limit) if limit is not None else n
+
+
 @torch.no_grad()
 def encode_dataset(model: Any, dataset: Any, batch_size: int = 64, limit: Optional[int] = None,
-                   device: str = "cpu", num_workers: int = 0) -> tuple[Tensor, Optional[Tensor]]:
+                   device: str = "cpu", num_workers: int = 0, progress: bool = False) -> tuple[Tensor, Optional[Tensor]]:
     """All images -> int64 indices ``(N, N_tokens, K)`` (and labels when every item has one)."""
     model.eval()
     chunks, label_chunks = [], []
+    bar = _bar(_expected(dataset, limit), "img", progress)
     for images, labels in image_batches(dataset, batch_size, limit, num_workers):
         chunks.append(model.encode(images.to(device)).cpu())
         label_chunks.append(labels)
+        if bar is not None:
+            bar.update(len(images))
+    if bar is not None:
+        bar.close()
     if not chunks:
         raise ConfigError("data", "the dataset split is empty")
     labels = torch.cat(label_chunks) if all(lab is not None for lab in label_chunks) else None
@@ -193,7 +242,7 @@ def check_tokens_fit(model: Any, indices: Tensor, meta: dict[str, str], path: st
         raise ConfigError(path, f"indices outside the codebooks (sizes {list(model.quantizer.codebook_sizes)})")
 
 
-def save_images(out: str, images: Tensor) -> None:
+def save_images(out: str, images: Tensor, progress: bool = False) -> None:
     """``.safetensors`` -> tensor ``images``; otherwise a directory of ``00000.png`` ..."""
     if out.endswith(".safetensors"):
         from safetensors.torch import save_file
@@ -204,8 +253,13 @@ def save_images(out: str, images: Tensor) -> None:
     from torchvision.utils import save_image
 
     Path(out).mkdir(parents=True, exist_ok=True)
+    bar = _bar(len(images), "png", progress)
     for i, img in enumerate(images):
         save_image((img + 1) / 2, str(Path(out) / f"{i:05d}.png"))
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
 
 
 # ---- CLI ----------------------------------------------------------------------------------------
@@ -219,7 +273,14 @@ def run_encode(args: argparse.Namespace, exp: Any, model: Any) -> None:
 
     seed = exp.seed if args.seed is None else args.seed
     dataset = get_registry().get("datasets", cfg.type)(cfg, split=args.split, seed=seed)
-    indices, labels = encode_dataset(model, dataset, args.batch_size, args.limit, args.device, args.num_workers)
+    limit = args.limit
+    if limit is None and args.split == "eval" and not args.limit_given:
+        limit = exp.train.eval_size  # the eval images the run was evaluated on, not the whole split
+    n = _expected(dataset, limit)
+    print(f"encoding {n if n is not None else 'every'} {args.split} image(s)"
+          + (f" (--limit {limit}; --limit all for the whole split)" if limit is not None and not args.limit_given else ""),
+          file=sys.stderr)
+    indices, labels = encode_dataset(model, dataset, args.batch_size, limit, args.device, args.num_workers, progress=True)
     save_tokens(args.out, indices, token_metadata(model, args.run), labels)
     print(f"{args.out}: {indices.shape[0]} images -> indices {tuple(indices.shape)}, grid {model.grid[0]}x{model.grid[1]}")
 
@@ -230,19 +291,19 @@ def run_decode(args: argparse.Namespace, model: Any) -> None:
     indices, meta = load_tokens(args.decode)
     check_tokens_fit(model, indices, meta, args.decode)
     images = decode_indices(model, indices, args.batch_size, args.device)
-    save_images(args.out, images)
+    save_images(args.out, images, progress=True)
     print(f"{args.out}: {images.shape[0]} images of {images.shape[-2]}x{images.shape[-1]}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    args.limit_given = args.limit is not None
     try:
+        args.limit = _limit(args.limit)
         if args.batch_size <= 0:
             raise ConfigError("--batch-size", f"must be positive, got {args.batch_size}")
         if args.num_workers < 0:
             raise ConfigError("--num-workers", f"must be >= 0, got {args.num_workers}")
-        if args.limit is not None and args.limit <= 0:
-            raise ConfigError("--limit", f"must be positive, got {args.limit}")
         from core.checkpoint import load_for_inference
 
         exp, model = load_for_inference(args.run, device=args.device)

@@ -27,9 +27,10 @@ from core import dist
 from core.checkpoint import find_latest, load_checkpoint, restore_rng, save_checkpoint, verify
 from core.config import config_hash, flatten, to_dict
 from core.errors import ConfigError
+from core.figures import log_eval_figures
 from core.model import Tokenizer, parameter_counts
 from core.plugins import Registry, get_registry
-from core.tracking import Tracker, git_sha, make_tracker
+from core.tracking import Tracker, git_tags, make_tracker
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -245,19 +246,6 @@ def evaluate(model: Tokenizer, evaluators: list[Any], loader: DataLoader, autoca
     return metrics
 
 
-@torch.no_grad()
-def save_recon_grid(model: Tokenizer, loader: DataLoader, path: Path, n: int = 8) -> Path:
-    from torchvision.utils import save_image
-
-    was_training = model.training
-    model.eval()
-    x = next(iter(loader))["image"][:n].to(next(model.parameters()).device)
-    y = model(x)["recon"].float().clamp(-1, 1)
-    model.train(was_training)
-    save_image(torch.cat([x, y]) * 0.5 + 0.5, str(path), nrow=x.shape[0])
-    return path
-
-
 # ------------------------------------------------------------------------------------------------
 # run directory and interruption
 # ------------------------------------------------------------------------------------------------
@@ -318,7 +306,7 @@ class StopFlag:
 
 def train(exp: Any, reg: Registry | None = None, *, built: Built | None = None, parent_run_id: str | None = None,
           tags: dict[str, str] | None = None, on_eval: Callable[[int, dict[str, float]], None] | None = None,
-          tracker: Tracker | None = None) -> RunResult:
+          tracker: Tracker | None = None, run_name: str | None = None) -> RunResult:
     """Train one experiment config end to end. ``on_eval(step, metrics)`` may raise to stop (pruning)."""
     cfg = exp.train
     built = built or build(exp, reg)
@@ -326,9 +314,14 @@ def train(exp: Any, reg: Registry | None = None, *, built: Built | None = None, 
     model, losses = built.model.to(device), built.losses.to(device)
     run_dir, ckpt = resolve_resume(exp)
     done = run_dir / "final_metrics.json"
-    if done.is_file() and ckpt is not None:
+    ckpt_step = _step_of(ckpt)
+    if ckpt_step is not None and ckpt_step > cfg.steps:
+        raise ConfigError("train.steps", f"{cfg.steps} is below the {ckpt_step} steps already trained in {run_dir} "
+                          "(raise it, or start over with train.resume=never)")
+    if done.is_file() and ckpt is not None and ckpt_step == cfg.steps:
         result = json.loads(done.read_text())
-        print(f"vtok: {run_dir} is already complete (train.resume=never starts over)", file=sys.stderr)
+        print(f"vtok: {run_dir} is already complete at {cfg.steps} steps (raise train.steps to continue it; "
+              "train.resume=never starts over)", file=sys.stderr)
         return RunResult(run_dir, result["metrics"], "FINISHED", result.get("run_id"))
 
     aux = [(i, list(loss.aux_parameters())) for i, loss in enumerate(losses)]
@@ -352,6 +345,9 @@ def train(exp: Any, reg: Registry | None = None, *, built: Built | None = None, 
         sched.load_state_dict(state["extra"]["scheduler"])
         restore_rng(state["rng"])
         start, run_id, skipped = state["step"], state["extra"].get("run_id"), state["extra"].get("skipped", 0)
+        if dist.rank() == 0:
+            extended = " (a finished run, continued: the learning-rate schedule now ends at the new total)" if done.is_file() else ""
+            print(f"vtok: resuming {run_dir} from step {start} of {cfg.steps}{extended}", file=sys.stderr)
 
     # data before any file or MLflow run exists: a batch larger than the data is bad input
     data = train_loader(built.train_set, cfg, exp.seed, start)
@@ -364,15 +360,18 @@ def train(exp: Any, reg: Registry | None = None, *, built: Built | None = None, 
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     all_tags = {"vtok.config_hash": config_hash(exp), "vtok.experiment": exp.name, "vtok.run_dir": str(run_dir.resolve()),
-                **({"vtok.git_sha": sha} if (sha := git_sha()) else {}), **(tags or {})}
+                **git_tags(), **(tags or {})}
+    all_tags["vtok.train_steps"] = str(cfg.steps)  # the param is the first run's; this follows continuations
     if exp.paper and exp.paper.get("source"):
         all_tags["vtok.paper"] = str(exp.paper["source"])
     # params: what the run computes (the sweep and paper sections are the sweep's and the report's)
     params = flatten({k: v for k, v in resolved.items() if k not in ("sweep", "paper")})
-    run_id = tracker.start(run_dir.name, params, all_tags, run_id=run_id, parent_run_id=parent_run_id)
+    run_id = tracker.start(run_name or exp.name, params, all_tags, run_id=run_id, parent_run_id=parent_run_id)
+    if is_main and run_id and ckpt is not None:
+        tracker.set_tags({"vtok.train_steps": str(cfg.steps)})
     if is_main and run_id and ckpt is None:
         tracker.log_artifact(run_dir / "config.yaml")
-        tracker.log_metrics({f"params/{k}": v for k, v in parameter_counts(model).items()}, 0)
+        tracker.log_params({f"n_params.{k}": v for k, v in parameter_counts(model).items()})
 
     dtype = DTYPES[cfg.precision]
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
@@ -387,6 +386,8 @@ def train(exp: Any, reg: Registry | None = None, *, built: Built | None = None, 
         save_checkpoint(run_dir, step, sd, optims, {"scheduler": sched.state_dict(), "run_id": run_id, "skipped": skipped},
                         keep=cfg.keep_checkpoints)
 
+    usage_history: list[tuple[int, list[float]]] = []  # codebook usage per evaluation (figures)
+
     def run_eval(step: int) -> dict[str, float]:
         metrics: dict[str, float] = {}
         if is_main:
@@ -394,10 +395,9 @@ def train(exp: Any, reg: Registry | None = None, *, built: Built | None = None, 
                 metrics = evaluate(model, built.evaluators, ev_loader, autocast)
             tracker.log_metrics(metrics, step)
             if run_id:
-                with dist.local_only():
-                    grid = save_recon_grid(model, ev_loader, run_dir / f"recon_{step:08d}.png")
                 tracker.flush()
-                tracker.log_artifact(grid, "reconstructions")
+                with dist.local_only():
+                    log_eval_figures(tracker, model, ev_loader, run_dir, step, usage_history)
             if on_eval is not None:
                 on_eval(step, metrics)
         dist.barrier()
@@ -494,6 +494,16 @@ def train(exp: Any, reg: Registry | None = None, *, built: Built | None = None, 
     finally:
         if bar is not None:
             bar.close()
+
+
+def _step_of(ckpt: Path | None) -> int | None:
+    """The step of a ``step_00000100`` checkpoint directory (None for no checkpoint)."""
+    if ckpt is None:
+        return None
+    try:
+        return int(ckpt.name.rsplit("_", 1)[-1])
+    except ValueError:
+        return None
 
 
 def _progress(cfg: Any, start: int, is_main: bool) -> Any:
