@@ -365,8 +365,8 @@ def train(exp: Any, reg: Registry | None = None, *, built: Built | None = None, 
         (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     all_tags = {"vtok.config_hash": config_hash(exp), "vtok.experiment": exp.name, "vtok.run_dir": str(run_dir.resolve()),
                 **({"vtok.git_sha": sha} if (sha := git_sha()) else {}), **(tags or {})}
-    if exp.paper and exp.paper.get("source"):
-        all_tags["vtok.paper"] = str(exp.paper["source"])
+    if exp.paper is not None and exp.paper.source:
+        all_tags["vtok.paper"] = exp.paper.source
     # params: what the run computes (the sweep and paper sections are the sweep's and the report's)
     params = flatten({k: v for k, v in resolved.items() if k not in ("sweep", "paper")})
     run_id = tracker.start(run_dir.name, params, all_tags, run_id=run_id, parent_run_id=parent_run_id)
