@@ -94,7 +94,7 @@ def main(path: str, raw: dict[str, Any], exp: Any, dry_run: bool = False, overri
         clean = not interrupted and not errors
     finally:
         if not clean:  # nothing is left RUNNING or WAITING by this command
-            stale = st.fail_stale(study)
+            stale = st.fail_stale(study, mine=True)
             runs.close_runs([rid for _, rec in stale for rid in rec.run_ids.values()], exp.tracking, "KILLED")
             if not st.others_running(study):
                 st.drop_waiting(study, set(), "not run: the sweep stopped before it")

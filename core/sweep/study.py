@@ -409,9 +409,10 @@ def _fail(study: Any, t: Any, rec: TrialRecord) -> None:
     study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
 
 
-def fail_stale(study: Any) -> list[TrialRecord]:
+def fail_stale(study: Any, mine: bool = False) -> list[tuple[int, TrialRecord]]:
     """Trials left RUNNING by a killed worker of this machine (or, on RDB storage, whose heartbeat
-    stopped) become FAIL, so the planner enqueues them again. Returns their records."""
+    stopped; with ``mine``, also by this process) become FAIL, so the planner enqueues them again.
+    Returns (number, record) of each."""
     from optuna.storages import fail_stale_trials
     from optuna.trial import TrialState
 
@@ -426,8 +427,8 @@ def fail_stale(study: Any) -> list[TrialRecord]:
         rec = record_of(t)
         if t.number in before and t.state == TrialState.FAIL:
             stale.append((t, rec))
-        elif t.state == TrialState.RUNNING and _owner_dead(rec.owner):
-            rec.error = rec.error or "worker process died (killed?)"
+        elif t.state == TrialState.RUNNING and (_owner_dead(rec.owner) or (mine and rec.owner == owner())):
+            rec.error = rec.error or ("the sweep stopped while it ran" if rec.owner == owner() else "worker process died (killed?)")
             _fail(study, t, rec)
             stale.append((t, rec))
     return [(t.number, rec) for t, rec in stale]
