@@ -66,3 +66,24 @@ def test_tpe_checks_both_ends_of_every_range_before_running(tmp_path):
     with pytest.raises(ConfigError, match=r"sweep\.space\.train\.min_lr_ratio: input should be less than or equal to 1"):
         load(path)
     assert optuna.__version__  # the engine's dependency is importable
+
+
+def test_two_tpe_workers_never_run_the_same_parameters_nor_share_a_run_directory(tmp_path):
+    """main: both workers' samplers started from the same seed, so trials 0 and 1 drew the same
+    parameters and trained into the same run directory at the same time."""
+    import json
+    from pathlib import Path
+
+    from core import run
+
+    path = tpe_file(tmp_path, **{"sweep.n_trials": 4, "sweep.workers": 2, "sweep.seeds": [0]})
+    assert run.main([str(path)]) == 0
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(tmp_path / "journal.log")))
+    [summary] = optuna.get_all_study_summaries(storage)
+    ran = [t for t in optuna.load_study(study_name=summary.study_name, storage=storage).get_trials()
+           if t.state.name in ("COMPLETE", "PRUNED")]
+    assert len(ran) >= 4
+    params = [json.dumps(t.params, sort_keys=True) for t in ran]
+    assert len(set(params)) == len(params), params
+    run_dirs = [p.parent for p in Path(tmp_path / "runs").rglob("config.yaml")]
+    assert len(run_dirs) == len(set(run_dirs)) == len(ran)  # one run directory per trial and seed
