@@ -59,7 +59,7 @@ def run_cell(exp: Any, choices: dict[str, Any], seed: int, trial: Any, rec: Tria
 
     label = cell_label(choices)
     tags = {"vtok.sweep": "child", "vtok.cell": label, "vtok.seed": str(seed), "vtok.trial": str(trial.number),
-            "vtok.study": trial.study.study_name, **{f"sweep.{k}": v for k, v in runs.choice_params(choices).items()}}
+            "vtok.study": trial.study.study_name, **runs.choice_params(choices)}
     params = runs.choice_params(choices)
     rec.run_dirs[seed] = str(run_dir_for(exp).resolve())
     st.save_record(trial, rec)
