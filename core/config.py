@@ -252,6 +252,9 @@ def _union(reg: Registry, kind: str) -> Any:
 
 
 def experiment_model(reg: Registry) -> type[BaseModel]:
+    from core.sweep.paper import Paper
+    from core.sweep.space import SweepConfig
+
     cfg = ConfigDict(extra="forbid", validate_assignment=True)
     model = create_model(
         "ModelSpec",
@@ -274,8 +277,8 @@ def experiment_model(reg: Registry) -> type[BaseModel]:
         train=(TrainConfig, Field(default_factory=TrainConfig)),
         eval=(list[_union(reg, "evaluators")], Field(default_factory=list)),  # type: ignore[valid-type]
         tracking=(TrackingConfig, Field(default_factory=TrackingConfig)),
-        sweep=(Optional[dict[str, Any]], None),
-        paper=(Optional[dict[str, Any]], None),
+        sweep=(Optional[SweepConfig], None),
+        paper=(Optional[Paper], None),
     )
 
 
@@ -344,9 +347,26 @@ def validate(data: dict[str, Any], reg: Registry | None = None) -> BaseModel:
     try:
         exp = experiment_model(reg).model_validate(data)
     except ValidationError as e:
+        _study_section_error(e, data)
         raise _format_validation_error(e, data) from None
     check_cross_fields(exp, reg)
+    from core.sweep.paper import check_study
+
+    check_study(data, exp, reg)  # every sweep cell validates; claims name cells and metrics that exist
     return exp
+
+
+def _study_section_error(e: ValidationError, data: dict[str, Any]) -> None:
+    """An error in the ``sweep`` or ``paper`` section is worded by that section's own parser."""
+    head = e.errors()[0]["loc"][:1]
+    if head == ("sweep",):
+        from core.sweep.space import parse_sweep
+
+        parse_sweep(data.get("sweep"))
+    elif head == ("paper",):
+        from core.sweep.paper import parse_paper
+
+        parse_paper(data.get("paper"))
 
 
 def check_cross_fields(exp: Any, reg: Registry) -> None:

@@ -31,83 +31,14 @@ import math
 import statistics
 import sys
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
-
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from typing import Any
 
 from core import stats
 from core.display import plain as _plain
 from core.errors import ConfigError
 from core.stats import FAILS, HOLDS, INCONCLUSIVE  # noqa: F401 (the verdicts, re-exported)
+from core.sweep.paper import Claim, Paper, check_paper, parse_paper  # noqa: F401 - the report's models
 
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
-
-class Claim(Strict):
-    """One of the paper's claims about our cells (exactly one of better / order / matches)."""
-
-    text: str = ""  # the claim in words (printed)
-    metric: str  # our metric the claim is about
-    direction: Optional[Literal["higher", "lower"]] = None  # which way is better (default: paper.metrics, else core.report_plots.DIRECTIONS)
-    better: Optional[str] = None  # cell claimed better ...
-    than: Optional[str] = None  # ... than this cell
-    order: Optional[list[str]] = None  # cells from worst to best
-    matches: Optional[str] = None  # cell claimed to match ...
-    with_: Optional[str] = Field(None, alias="with")  # ... this cell (equal within ±tolerance)
-    tolerance: Optional[float] = Field(None, gt=0)  # matches: equivalence margin in the metric's units (TOST)
-    within: float = Field(1.0, gt=0)  # matches without tolerance: margin in pooled seed stds (estimated)
-
-    @model_validator(mode="after")
-    def _one_kind(self) -> "Claim":
-        kinds = [self.better is not None or self.than is not None, self.order is not None,
-                 self.matches is not None or self.with_ is not None]
-        if sum(kinds) != 1:
-            raise ValueError("a claim is exactly one of: better + than, order, matches + with")
-        if kinds[0] and (self.better is None or self.than is None):
-            raise ValueError("a 'better' claim needs both better and than")
-        if kinds[2] and (self.matches is None or self.with_ is None):
-            raise ValueError("a 'matches' claim needs both matches and with")
-        if kinds[1] and len(self.order or []) < 2:
-            raise ValueError("order: at least two cells")
-        return self
-
-    def cells(self) -> list[str]:
-        return [c for c in (self.better, self.than, self.matches, self.with_, *(self.order or [])) if c is not None]
-
-
-class Paper(Strict):
-    source: str = ""  # e.g. "UniTok Table 8 (arXiv 2502.20321)"
-    note: str = ""  # how our setting differs from the paper's
-    metrics: dict[str, Literal["higher", "lower"]] = Field(default_factory=dict)  # ours to show -> better direction
-    figures: dict[str, dict[str, Union[float, str, None]]] = Field(default_factory=dict)  # cell -> paper metric -> value
-    alpha: float = Field(stats.ALPHA, gt=0, lt=0.5)  # error rate of a verdict (two-sided)
-    claims: list[Claim] = Field(default_factory=list)
-
-
-def parse_paper(raw: Any) -> Paper:
-    try:
-        return Paper.model_validate(raw or {})
-    except ValidationError as e:
-        err = e.errors()[0]
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key (extra inputs are not permitted)"
-        raise ConfigError(".".join(["paper", *(str(p) for p in err["loc"])]), msg[0].lower() + msg[1:]) from None
-
-
-def check_paper(paper: Paper, labels: list[str]) -> None:
-    """Every cell a claim or figure names must be a cell of the sweep."""
-    known = ", ".join(labels)
-    for i, c in enumerate(paper.claims):
-        for name in c.cells():
-            if name not in labels:
-                raise ConfigError(f"paper.claims.{i}", f"no cell '{name}' in the sweep (cells: {known})")
-    for name in paper.figures:
-        if name not in labels:
-            raise ConfigError(f"paper.figures.{name}", f"no cell '{name}' in the sweep (cells: {known})")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -180,30 +111,11 @@ def judge(claim: Claim, values: dict[str, dict[str, Any]], paper: Paper,
 
 
 def collect(study: Any, sampler: str) -> tuple[dict[str, dict[str, list[float]]], list[dict[str, Any]], dict[str, Any]]:
-    """(values[cell][metric] -> per-seed list, failed trials, timing) from the study's trials."""
-    from optuna.trial import TrialState
+    """(values[cell][metric] -> per-seed list, failed trials, timing) from the study's trial records."""
+    from core.sweep import results, study as st
 
-    from core.sweep import ATTR_CELL, ATTR_ERROR, ATTR_KEY, ATTR_METRICS
-
-    values: dict[str, dict[str, list[float]]] = {}
-    failed, starts, ends, busy = [], [], [], 0.0
-    done_keys = {t.user_attrs.get(ATTR_KEY) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
-    for t in study.get_trials(deepcopy=False):
-        if t.state == TrialState.COMPLETE:
-            label = t.user_attrs.get(ATTR_CELL, str(t.number)) if sampler == "grid" else f"#{t.number}"
-            for metrics in (t.user_attrs.get(ATTR_METRICS) or {}).values():
-                for k, v in metrics.items():
-                    values.setdefault(label, {}).setdefault(k, []).append(float(v))
-            if t.datetime_start and t.datetime_complete:
-                starts.append(t.datetime_start)
-                ends.append(t.datetime_complete)
-                busy += (t.datetime_complete - t.datetime_start).total_seconds()
-        elif (t.state == TrialState.FAIL and t.user_attrs.get(ATTR_KEY) not in done_keys
-              and not str(t.user_attrs.get(ATTR_ERROR, "")).startswith("duplicate of trial")):
-            failed.append({"trial": t.number, "cell": t.user_attrs.get(ATTR_CELL, "?"), "seed": t.params.get("seed"),
-                           "error": t.user_attrs.get(ATTR_ERROR, "")})
-    wall = (max(ends) - min(starts)).total_seconds() if starts else 0.0
-    return values, failed, {"wall_s": wall, "busy_s": busy, "runs": len(starts)}
+    values, failed, timing, _ = results.collect(st.read_trials(study), sampler)
+    return values, failed, timing
 
 
 # ------------------------------------------------------------------------------------------------
@@ -302,51 +214,69 @@ def plot(values: dict[str, dict[str, list[float]]], cells: list[str], metrics: l
 # ------------------------------------------------------------------------------------------------
 
 
-def build_report(raw: dict[str, Any], exp: Any) -> tuple[str, dict[str, Any]]:
-    """The markdown report and what ``main`` needs to store it (values, cells, parent run id)."""
+def build_report(raw: dict[str, Any], exp: Any, file_raw: dict[str, Any] | None = None,
+                 overrides: list[str] | None = None) -> tuple[str, dict[str, Any]]:
+    """The markdown report and what ``main`` needs to store it (values, cells, parent run id).
+    ``file_raw``: the experiment file as read, to state what the command line changed."""
     from core import sweep
+    from core.sweep import results, study as st
 
     if not exp.sweep:
         raise ConfigError("sweep", f"experiment '{exp.name}' has no sweep section: nothing to report")
-    sw = sweep.parse_sweep(exp.sweep)
-    paper = parse_paper(exp.paper)
+    sw = exp.sweep
+    paper = exp.paper or Paper()
     order = list(dict.fromkeys(sweep.cell_label(pt) for pt in sweep.grid_points(sw))) if sw.sampler == "grid" else []
-    if sw.sampler == "grid":
-        check_paper(paper, order)
-    url = sw.storage_url()
-    if "://" not in url and not Path(url).is_file():
-        raise ConfigError("sweep.storage", f"no study storage at {Path(url).resolve()}: run the sweep first "
-                          "(python -m core.run EXP.yaml), from the same working directory")
-    try:
-        study = sweep.open_study(exp, sw, create=False)
-    except KeyError:
-        raise ConfigError("sweep.study_name", f"no study '{sweep.study_name(exp, sw)}' in {sweep._display_storage(sw.storage_url())}: "
-                          "run the sweep first (python -m core.run EXP.yaml)") from None
-    values, failed, timing = collect(study, sw.sampler)
+    study = results.load_named(sw) if getattr(exp, "stored", False) else results.find_study(exp, sw, overrides or [])
+    trials = st.read_trials(study)
+    values, failed, timing, seeds = results.collect(trials, sw.sampler)
     if sw.sampler == "tpe":  # best trials first
         sign = -1 if sw.objective.direction == "maximize" else 1
         order = sorted(values, key=lambda c: sign * mean_std(values[c].get(sw.objective.metric, []))[0])
-    header = (f"Study `{study.study_name}` in {sweep._display_storage(sw.storage_url())}; sampler {sw.sampler}, "
-              f"seeds {sw.seeds}; objective {sw.objective.direction} {sw.objective.metric}.")
+    header = (f"Study `{study.study_name}` in {st.display_storage(sw.storage_url())}; sampler {sw.sampler}, "
+              f"planned seeds {sw.seeds}; objective {sw.objective.direction} {sw.objective.metric}.")
+    changes = results.config_changes(file_raw, raw) if file_raw is not None else []
+    header += "\n\nConfig: " + (f"the experiment file with {', '.join(f'`{c}`' for c in changes)}." if changes
+                                else "the experiment file as it is.")
+    header += "\n\n" + results.seeds_line([c for c in order if c in values] + [c for c in values if c not in order],
+                                          seeds, sw.seeds)
     if sw.sampler == "tpe":  # what each trial row tried
-        params = {f"#{t.number}": t.params for t in study.get_trials(deepcopy=False) if f"#{t.number}" in values}
+        params = {f"#{t.number}": t.record.choices for t in trials if f"#{t.number}" in values}
         header += "\n\n" + "\n".join(f"- {c}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                           for k, v in params[c].items()) for c in order)
     md, verdicts = render(exp.name, paper, values, order, failed, timing, header, sw.objective.metric,
                           design=stats.design_for(sw.seeds))
-    parent = study.user_attrs.get(sweep.STUDY_PARENT)
+    parent = study.user_attrs.get(st.PARENT_RUN)
     return md, {"values": values, "order": order, "paper": paper, "parent": parent, "verdicts": verdicts,
-                "metrics": shown_metrics(values, paper, sw.objective.metric)}
+                "metrics": shown_metrics(values, paper, sw.objective.metric), "seeds": seeds, "changes": changes}
+
+
+def report_view(raw: dict[str, Any]) -> Any:
+    """The validated experiment when this machine can validate it; otherwise (a plugin the sweep used
+    is no longer installed) the stored view, which can report a study named by ``sweep.study_name``."""
+    from core.config import validate
+
+    try:
+        return validate(raw)
+    except ConfigError as e:
+        view = stored_view(raw)
+        if view.sweep is None or not view.sweep.study_name:
+            raise
+        print(f"vtok report: the config does not validate here ({e}); reporting the stored study "
+              f"'{view.sweep.study_name}' as it was recorded", file=sys.stderr)
+        return view
 
 
 def stored_view(raw: dict[str, Any]) -> Any:
     """What a report needs from the experiment file (name, sweep, paper, tracking), read without
-    validating the plugin configs: a finished study stays reportable after a plugin is uninstalled."""
+    validating the plugin configs: a finished study stays reportable after a plugin is uninstalled.
+    ``stored`` marks it: the study is then found by its recorded name, not by the config's identity."""
     from types import SimpleNamespace
 
-    from pydantic import TypeAdapter
+    from pydantic import TypeAdapter, ValidationError
 
     from core.config import TrackingConfig
+    from core.sweep.paper import parse_paper
+    from core.sweep.space import parse_sweep
 
     name = raw.get("name", "experiment")
     if not isinstance(name, str) or not name:
@@ -356,14 +286,16 @@ def stored_view(raw: dict[str, Any]) -> Any:
     except ValidationError as e:
         err = e.errors()[0]
         raise ConfigError(".".join(["tracking", *(str(p) for p in err["loc"])]), err["msg"]) from None
-    return SimpleNamespace(name=name, sweep=raw.get("sweep"), paper=raw.get("paper"), tracking=tracking)
+    sweep = parse_sweep(raw["sweep"]) if raw.get("sweep") else None
+    return SimpleNamespace(name=name, sweep=sweep, paper=parse_paper(raw.get("paper")), tracking=tracking, stored=True)
 
 
-def write_report(raw: dict[str, Any], exp: Any, out_dir: str | Path = "reports", attach: bool = True) -> tuple[str, Path, Path, str | None]:
+def write_report(raw: dict[str, Any], exp: Any, out_dir: str | Path = "reports", attach: bool = True,
+                 file_raw: dict[str, Any] | None = None, overrides: list[str] | None = None) -> tuple[str, Path, Path, str | None]:
     """Build the report, write ``<out>/<name>.md`` and ``.png``, and (``attach``) put both, the claims'
     verdicts and the per-cell means on the sweep's parent MLflow run. Returns (markdown, md path,
     png path, the parent run id it was attached to or None)."""
-    md, info = build_report(raw, exp)
+    md, info = build_report(raw, exp, file_raw, overrides)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     md_path = out / f"{exp.name}.md"
@@ -395,9 +327,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from core.config import apply_overrides, read_yaml
 
-        raw = apply_overrides(read_yaml(args.experiment), args.overrides)
-        exp = stored_view(raw)
-        md, md_path, png, attached = write_report(raw, exp, args.out, attach=not args.no_mlflow)
+        file_raw = read_yaml(args.experiment)
+        raw = apply_overrides(file_raw, args.overrides)
+        exp = report_view(raw)
+        md, md_path, png, attached = write_report(raw, exp, args.out, attach=not args.no_mlflow,
+                                                  file_raw=file_raw, overrides=args.overrides)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

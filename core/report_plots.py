@@ -133,6 +133,7 @@ def plot(values: dict[str, dict[str, list[float]]], cells: list[str], metrics: l
     for ax, m in zip(axes.flat, metrics):
         for i, c in enumerate(cells):
             seeds = values.get(c, {}).get(m, [])
+            seeds = list(seeds.values()) if isinstance(seeds, dict) else seeds  # {seed: value}
             if not seeds:
                 continue
             jitter = [(j - (len(seeds) - 1) / 2) * 0.08 for j in range(len(seeds))]

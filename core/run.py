@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         if exp.sweep:
             from core import sweep  # the sweep engine validates every cell before running any
 
-            return sweep.main(args.experiment, raw, exp, dry_run=args.dry_run)
+            return sweep.main(args.experiment, raw, exp, dry_run=args.dry_run, overrides=args.overrides)
         if args.dry_run:
             dry_run(exp)
             return 0

@@ -166,6 +166,7 @@ def log_summary(client: Any, run_id: str, values: dict[str, dict[str, list[float
     rows = []
     for i, cell in enumerate(cells):
         for m, seeds in values[cell].items():
+            seeds = list(seeds.values()) if isinstance(seeds, dict) else seeds  # {seed: value}
             if metrics is not None and m not in metrics or not seeds:
                 continue
             rows.append(Metric(f"cells/{_metric_key(m)}", sum(seeds) / len(seeds), ts, i))

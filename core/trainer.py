@@ -362,8 +362,8 @@ def train(exp: Any, reg: Registry | None = None, *, built: Built | None = None, 
     all_tags = {"vtok.config_hash": config_hash(exp), "vtok.experiment": exp.name, "vtok.run_dir": str(run_dir.resolve()),
                 **git_tags(), **(tags or {})}
     all_tags["vtok.train_steps"] = str(cfg.steps)  # the param is the first run's; this follows continuations
-    if exp.paper and exp.paper.get("source"):
-        all_tags["vtok.paper"] = str(exp.paper["source"])
+    if exp.paper is not None and exp.paper.source:
+        all_tags["vtok.paper"] = exp.paper.source
     # params: what the run computes (the sweep and paper sections are the sweep's and the report's)
     params = flatten({k: v for k, v in resolved.items() if k not in ("sweep", "paper")})
     run_id = tracker.start(run_name or exp.name, params, all_tags, run_id=run_id, parent_run_id=parent_run_id)

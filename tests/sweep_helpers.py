@@ -71,14 +71,19 @@ def run_sweep(path: Path, *overrides: str) -> int:
     from core import sweep
 
     raw, exp = load(path, *overrides)
-    return sweep.main(str(path), raw, exp)
+    return sweep.main(str(path), raw, exp, overrides=overrides)
 
 
 def trials(path: Path, *overrides: str) -> list[Any]:
-    from core import sweep
+    """The study's trials as the report reads them (``TrialView``: state, value, typed record)."""
+    from core.sweep import study as st
 
     raw, exp = load(path, *overrides)
-    return sweep.open_study(exp, sweep.parse_sweep(exp.sweep), create=False).get_trials(deepcopy=False)
+    return st.read_trials(st.open_study(exp, exp.sweep, create=False))
+
+
+def keys(views: list[Any], state: str = "COMPLETE") -> list[str]:
+    return [t.record.key for t in views if t.state == state]
 
 
 def free_port() -> int:
@@ -87,7 +92,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def cli(args: list[str], cwd: Path, **kw: Any) -> subprocess.Popen:
+def cli(args: list[str], cwd: Path, module: str = "core.run", **kw: Any) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([PY, "-m", "core.run", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+    return subprocess.Popen([PY, "-m", module, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, **kw)

@@ -10,7 +10,7 @@ import pytest
 
 from core import sweep
 from core.errors import ConfigError
-from sweep_helpers import TINY_KEYS, cli, load, run_sweep, trials, write_tiny
+from sweep_helpers import TINY_KEYS, cli, keys, load, run_sweep, trials, write_tiny
 
 
 def _check(path, *overrides):
@@ -67,30 +67,28 @@ def _mlflow_runs(tmp_path):
 
 
 def test_kill_after_three_cells_then_rerun_completes_the_rest_once(tmp_path):
-    from optuna.trial import TrialState
-
     path = write_tiny(tmp_path, **{"train.steps": 40})
     proc = cli([str(path)], tmp_path)
     deadline = time.time() + 240
     done: list = []
     while time.time() < deadline and proc.poll() is None:
         if (tmp_path / "journal.log").exists():
-            done = [t for t in trials(path) if t.state == TrialState.COMPLETE]
+            done = keys(trials(path))
             if len(done) >= 3:
                 break
         time.sleep(0.1)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    first = {t.user_attrs["vtok.key"]: t.number for t in trials(path) if t.state == TrialState.COMPLETE}
+    first = {t.record.key: t.number for t in trials(path) if t.state == "COMPLETE"}
     assert 3 <= len(first) < 8, proc.stdout.read()[-2000:]
 
     assert run_sweep(path) == 0
     final = trials(path)
-    complete = [t for t in final if t.state == TrialState.COMPLETE]
-    keys = Counter(t.user_attrs["vtok.key"] for t in complete)
-    assert set(keys) == TINY_KEYS and max(keys.values()) == 1  # every cell once
-    assert all(n == first[t.user_attrs["vtok.key"]] for t in complete for n in [t.number] if t.user_attrs["vtok.key"] in first)
-    assert all(t.state in (TrialState.COMPLETE, TrialState.FAIL) for t in final)  # the killed one became FAIL
+    complete = [t for t in final if t.state == "COMPLETE"]
+    counts = Counter(t.record.key for t in complete)
+    assert set(counts) == TINY_KEYS and max(counts.values()) == 1  # every cell once
+    assert all(t.number == first[t.record.key] for t in complete if t.record.key in first)
+    assert all(t.state in ("COMPLETE", "FAIL") for t in final)  # the killed one became FAIL
 
     runs = _mlflow_runs(tmp_path)
     parents = [r for r in runs if r.data.tags.get("vtok.sweep") == "parent"]
@@ -105,23 +103,21 @@ def test_kill_after_three_cells_then_rerun_completes_the_rest_once(tmp_path):
 
 
 def test_failing_cell_is_recorded_and_the_others_finish(tmp_path):
-    from optuna.trial import TrialState
-
     space = {"variant": {"ok": {"train.steps": 2}, "bad": {"data.train_size": 4}}}  # batch 8 > 4 images
     path = write_tiny(tmp_path, **{"sweep.space": space, "sweep.seeds": [0]})
     assert run_sweep(path) == 1
-    by_cell = {t.user_attrs["vtok.cell"]: t for t in trials(path)}
-    assert by_cell["ok"].state == TrialState.COMPLETE and by_cell["ok"].value > 0
-    assert by_cell["bad"].state == TrialState.FAIL
-    assert "larger than the training set" in by_cell["bad"].user_attrs["vtok.error"]
+    by_cell = {t.record.cell: t for t in trials(path)}
+    assert by_cell["ok"].state == "COMPLETE" and by_cell["ok"].value > 0
+    assert by_cell["bad"].state == "FAIL"
+    assert "larger than the training set" in by_cell["bad"].record.error
     runs = {r.data.tags.get("vtok.cell"): r for r in _mlflow_runs(tmp_path)}
     assert runs["bad"].info.status == "FAILED" and "training set" in runs["bad"].data.tags["vtok.error"]
     assert runs["ok"].info.status == "FINISHED"
     assert runs[None].info.status == "FAILED"  # the parent: not every cell finished
 
     assert run_sweep(path) == 1  # re-run: only the failed cell runs again
-    counts = Counter((t.user_attrs["vtok.cell"], t.state) for t in trials(path))
-    assert counts == {("ok", TrialState.COMPLETE): 1, ("bad", TrialState.FAIL): 2}
+    counts = Counter((t.record.cell, t.state) for t in trials(path))
+    assert counts == {("ok", "COMPLETE"): 1, ("bad", "FAIL"): 2}
 
 
 def test_error_is_rooted_at_the_most_specific_sweep_key(tmp_path):
@@ -137,7 +133,7 @@ def test_orphaned_child_run_of_a_dead_trial_is_closed(in_tmp):
     from mlflow.tracking import MlflowClient
 
     from core.config import TrackingConfig
-    from core.sweep import _kill_runs
+    from core.sweep.runs import close_runs
     from core.tracking import resolve_uri
 
     client = MlflowClient(resolve_uri(None))
@@ -145,6 +141,6 @@ def test_orphaned_child_run_of_a_dead_trial_is_closed(in_tmp):
     parent = client.create_run(exp_id).info.run_id
     orphan = client.create_run(exp_id, tags={"mlflow.parentRunId": parent, "vtok.trial": "3"}).info.run_id
     alive = client.create_run(exp_id, tags={"mlflow.parentRunId": parent, "vtok.trial": "4"}).info.run_id
-    _kill_runs([], TrackingConfig(), parent, {"3"})
+    close_runs([], TrackingConfig(), "KILLED", parent, {"3"})
     assert client.get_run(orphan).info.status == "KILLED"
     assert client.get_run(alive).info.status == "RUNNING"

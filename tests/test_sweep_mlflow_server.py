@@ -64,7 +64,7 @@ def test_mlflow_server_serves_parent_and_children_with_params_and_metrics(tmp_pa
         assert len(parents) == 1
         parent = parents[0]
         ptags = {t["key"]: t["value"] for t in parent["data"]["tags"]}
-        assert ptags["vtok.study"] == "tiny_sweep" and ptags["vtok.storage"].endswith("journal.log")
+        assert ptags["vtok.study"].startswith("tiny_sweep-") and ptags["vtok.storage"].endswith("journal.log")
         assert parent["info"]["status"] == "FINISHED"
         pid = parent["info"]["run_id"]
         children = _post(base, "runs/search", {"experiment_ids": [exp_id],

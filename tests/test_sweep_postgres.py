@@ -1,5 +1,5 @@
 """Two worker processes share one grid study on a real PostgreSQL server: together they complete
-every cell, none twice. The server (Debian's postgresql 15) runs as the ``postgres`` user in a
+every cell, none twice; the study then gains a seed and two workers run only the new runs. The server (Debian's postgresql 15) runs as the ``postgres`` user in a
 temporary directory on 127.0.0.1 and a free port, and is stopped at the end."""
 from __future__ import annotations
 
@@ -48,15 +48,26 @@ def postgres_url():
         shutil.rmtree(base, ignore_errors=True)
 
 
-def test_two_workers_share_one_postgres_study_and_run_no_cell_twice(tmp_path, postgres_url):
-    from optuna.trial import TrialState
-
-    path = write_tiny(tmp_path, **{"train.steps": 20, "sweep.storage": postgres_url, "tracking.enabled": False})
-    procs = [cli([str(path)], tmp_path) for _ in range(2)]
+def _two_workers(path, tmp_path, *overrides):
+    procs = [cli([str(path), *overrides], tmp_path) for _ in range(2)]
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outs)
-    ran = Counter(f"{cell}#seed={seed}" for o in outs for cell, seed in re.findall(r"trial \d+ cell (\S+) seed (\d+)", o))
-    assert set(ran) == TINY_KEYS and max(ran.values()) == 1, ran  # every cell trained exactly once
-    complete = Counter(t.user_attrs["vtok.key"] for t in trials(path) if t.state == TrialState.COMPLETE)
-    assert set(complete) == TINY_KEYS and max(complete.values()) == 1
+    return outs, Counter(f"{cell}#seed={seed}" for o in outs for cell, seed in re.findall(r"trial \d+ cell (\S+) seed (\d+)", o))
+
+
+def test_two_workers_share_one_postgres_study_and_run_no_cell_twice(tmp_path, postgres_url):
+    path = write_tiny(tmp_path, **{"train.steps": 20, "sweep.storage": postgres_url, "tracking.enabled": False})
+    seed0 = {k for k in TINY_KEYS if k.endswith("seed=0")}
+    outs, ran = _two_workers(path, tmp_path, "sweep.seeds=[0]")
+    assert set(ran) == seed0 and max(ran.values()) == 1, ran  # every cell trained exactly once
+    first = {t.record.key: t.number for t in trials(path) if t.state == "COMPLETE"}
+    assert set(first) == seed0
     print("cells per worker:", [len(re.findall(r"trial \d+ cell", o)) for o in outs])
+
+    outs, ran = _two_workers(path, tmp_path)  # the file's seeds [0, 1]: the same study gains seed 1
+    assert set(ran) == TINY_KEYS - seed0 and max(ran.values()) == 1, ran  # only the new seed's runs
+    final = trials(path)
+    complete = Counter(t.record.key for t in final if t.state == "COMPLETE")
+    assert set(complete) == TINY_KEYS and max(complete.values()) == 1
+    assert all(t.number == first[t.record.key] for t in final if t.record.key in first)
+    assert not [t for t in final if t.state in ("RUNNING", "WAITING")]

@@ -1,0 +1,161 @@
+"""The experiment's ``paper:`` section (typed) and the checks that tie it and the sweep to the cells.
+
+``check_study`` runs inside ``core.config.validate`` (the same single pass as the rest of the
+experiment): every cell validates, every cell a claim or figure names exists, and every metric the
+objective, a claim or ``paper.metrics`` names is one the cells' evaluators can produce.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from core.errors import ConfigError
+from core.stats import ALPHA
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class Claim(Strict):
+    """One of the paper's claims about our cells (exactly one of better / order / matches)."""
+
+    text: str = ""  # the claim in words (printed)
+    metric: str  # our metric the claim is about
+    direction: Optional[Literal["higher", "lower"]] = None  # which way is better (default: paper.metrics, else core.report_plots.DIRECTIONS)
+    better: Optional[str] = None  # cell claimed better ...
+    than: Optional[str] = None  # ... than this cell
+    order: Optional[list[str]] = None  # cells from worst to best
+    matches: Optional[str] = None  # cell claimed to match ...
+    with_: Optional[str] = Field(None, alias="with")  # ... this cell (equal within ±tolerance)
+    tolerance: Optional[float] = Field(None, gt=0)  # matches: equivalence margin in the metric's units (TOST)
+    within: float = Field(1.0, gt=0)  # matches without tolerance: margin in pooled seed stds (estimated)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "Claim":
+        kinds = [self.better is not None or self.than is not None, self.order is not None,
+                 self.matches is not None or self.with_ is not None]
+        if sum(kinds) != 1:
+            raise ValueError("a claim is exactly one of: better + than, order, matches + with")
+        if kinds[0] and (self.better is None or self.than is None):
+            raise ValueError("a 'better' claim needs both better and than")
+        if kinds[2] and (self.matches is None or self.with_ is None):
+            raise ValueError("a 'matches' claim needs both matches and with")
+        if kinds[1] and len(self.order or []) < 2:
+            raise ValueError("order: at least two cells")
+        return self
+
+    def cells(self) -> list[str]:
+        return [c for c in (self.better, self.than, self.matches, self.with_, *(self.order or [])) if c is not None]
+
+
+class Paper(Strict):
+    source: str = ""  # e.g. "UniTok Table 8 (arXiv 2502.20321)"
+    note: str = ""  # how our setting differs from the paper's
+    metrics: dict[str, Literal["higher", "lower"]] = Field(default_factory=dict)  # ours to show -> better direction
+    figures: dict[str, dict[str, Union[float, str, None]]] = Field(default_factory=dict)  # cell -> paper metric -> value
+    alpha: float = Field(ALPHA, gt=0, lt=0.5)  # error rate of a verdict (two-sided)
+    claims: list[Claim] = Field(default_factory=list)
+
+
+def parse_paper(raw: Any) -> Paper:
+    try:
+        return Paper.model_validate(raw or {})
+    except ValidationError as e:
+        err = e.errors()[0]
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (extra inputs are not permitted)"
+        raise ConfigError(".".join(["paper", *(str(p) for p in err["loc"])]), msg[0].lower() + msg[1:]) from None
+
+
+def check_paper(paper: Paper, labels: list[str]) -> None:
+    """Every cell a claim or figure names must be a cell of the sweep."""
+    known = ", ".join(labels)
+    for i, c in enumerate(paper.claims):
+        for name in c.cells():
+            if name not in labels:
+                raise ConfigError(f"paper.claims.{i}", f"no cell '{name}' in the sweep (cells: {known})")
+    for name in paper.figures:
+        if name not in labels:
+            raise ConfigError(f"paper.figures.{name}", f"no cell '{name}' in the sweep (cells: {known})")
+
+
+# ------------------------------------------------------------------------------------------------
+# which metrics a cell can produce
+# ------------------------------------------------------------------------------------------------
+
+
+def metric_patterns(exp: Any, reg: Any) -> Optional[list[str]]:
+    """Regular expressions of the final metrics a validated run config can produce, or None when
+    that is not knowable. The one place to upgrade when evaluators declare their metrics (an
+    evaluator class attribute ``metrics``, a list or a function of its config, is used when present);
+    until then the evaluator contract's docstring, which states the names in ``double backticks``
+    (``lpips_<net>``: a placeholder; ``_top5``: a suffix), is read."""
+    patterns: list[str] = [r"skipped_steps"]
+    for item in exp.eval:
+        cls = reg.get("evaluators", item.type)
+        declared = getattr(cls, "metrics", None)
+        if callable(declared):
+            declared = declared(item)
+        if isinstance(declared, (list, tuple, set, frozenset)):
+            patterns += [re.escape(str(n)) for n in declared]
+            continue
+        names = re.findall(r"``([A-Za-z0-9_<>]+)``", cls.__doc__ or "")
+        if not names:
+            return None  # an evaluator that does not say: anything may come out
+        for n in names:
+            pat = re.sub(r"<[^>]*>", r"\\w+", re.escape(n).replace(r"\<", "<").replace(r"\>", ">"))
+            patterns.append(r"\w+" + pat if n.startswith("_") else pat)
+    return patterns
+
+
+def check_metric(where: str, metric: str, exp: Any, reg: Any, cell: str = "") -> None:
+    patterns = metric_patterns(exp, reg)
+    if patterns is None or any(re.fullmatch(p, metric) for p in patterns):
+        return
+    evals = ", ".join(e.type for e in exp.eval) or "none"
+    names = sorted({re.sub(r"\\w\+", "<name>", p).replace("\\", "") for p in patterns if p != "skipped_steps"})
+    in_cell = f" in cell '{cell}'" if cell else ""
+    raise ConfigError(where, f"no evaluator{in_cell} produces '{metric}' (evaluators: {evals}; "
+                      f"metrics: {', '.join(names) or 'none'})")
+
+
+def check_study(raw: dict[str, Any], exp: Any, reg: Any) -> None:
+    """The sweep and paper sections against the cells: called by ``core.config.validate``."""
+    from core.sweep.space import cell_label, checked_points
+
+    paper = exp.paper or Paper()
+    if exp.sweep is None:
+        for i, c in enumerate(paper.claims):
+            check_metric(f"paper.claims.{i}.metric", c.metric, exp, reg)
+        return
+    sw = exp.sweep
+    points = checked_points(raw, sw)  # every cell's full config validates
+    cells = {cell_label(pt): cell for pt, cell in points}
+    if sw.sampler == "grid":
+        check_paper(paper, list(cells))
+        for label, cell in cells.items():
+            check_metric("sweep.objective.metric", sw.objective.metric, cell, reg, label)
+        for i, c in enumerate(paper.claims):
+            for label in c.cells():
+                check_metric(f"paper.claims.{i}.metric", c.metric, cells[label], reg, label)
+    else:
+        for label, cell in cells.items():
+            check_metric("sweep.objective.metric", sw.objective.metric, cell, reg, label)
+        for i, c in enumerate(paper.claims):
+            for label, cell in cells.items():
+                check_metric(f"paper.claims.{i}.metric", c.metric, cell, reg, label)
+    for name in paper.metrics:
+        problems = []
+        for label, cell in cells.items():
+            try:
+                check_metric(f"paper.metrics.{name}", name, cell, reg, label)
+                break
+            except ConfigError as e:
+                problems.append(e)
+        else:
+            if problems:
+                raise problems[0]
