@@ -166,11 +166,10 @@ def load_checkpoint(ckpt: Path) -> dict[str, Any]:
 
 
 def check_resumable(state: dict[str, Any], ckpt: Path, modules: dict[str, torch.nn.Module],
-                    optimizers: dict[str, torch.optim.Optimizer]) -> None:
+                    optimizers: dict[str, torch.optim.Optimizer], where: str = "train.resume") -> None:
     """A checkpoint written by another architecture (or a hand-edited one) -> one ConfigError
     naming the first tensor that does not fit, before anything is loaded. ``modules`` maps a key
     prefix (``model.``) to the module whose state it holds."""
-    where = "train.resume"
     saved = state["model"]
     for prefix, module in modules.items():
         own = {f"{prefix}{k}": v for k, v in module.state_dict().items()}
@@ -180,9 +179,12 @@ def check_resumable(state: dict[str, Any], ckpt: Path, modules: dict[str, torch.
             what = f"lacks {missing[0]}" if missing else f"holds {unexpected[0]}, which this model does not have"
             raise ConfigError(where, f"{ckpt} was written by a different model: it {what}")
         for k, v in own.items():
-            if tuple(saved[k].shape) != tuple(v.shape):
+            if tuple(saved[k].shape) != tuple(v.shape) or saved[k].is_floating_point() != v.is_floating_point():
                 raise ConfigError(where, f"{ckpt} was written by a different model: {k} has shape "
-                                         f"{tuple(saved[k].shape)}, this model needs {tuple(v.shape)}")
+                                         f"{tuple(saved[k].shape)} ({saved[k].dtype}), this model needs {tuple(v.shape)} ({v.dtype})")
+    rng = state.get("rng") or {}
+    if "torch" in rng and (not torch.is_tensor(rng["torch"]) or rng["torch"].shape != torch.get_rng_state().shape):
+        raise ConfigError(where, f"{ckpt}: rng.safetensors holds a torch random state of the wrong shape")
     for name, opt in optimizers.items():
         sd = state["optimizers"].get(name)
         if sd is None:
@@ -309,15 +311,26 @@ def _run_dir_from_mlflow(run_id: str) -> Path:
 
 def load_for_inference(path_or_run_id: str, device: str = "cpu") -> tuple[Any, Any]:
     """(experiment config, Tokenizer in eval mode with the checkpoint's weights)."""
-    from core.config import parse_yaml, validate
+    from core.config import read_yaml, validate
     from core.model import Tokenizer
 
     run_dir, ckpt = resolve_checkpoint(path_or_run_id)
     cfg_file = run_dir / "config.yaml"
     if not cfg_file.is_file():
         raise ConfigError(str(run_dir), "config.yaml missing from the run directory")
-    exp = validate(parse_yaml(cfg_file.read_text(encoding="utf-8"), str(cfg_file)))
+    try:
+        exp = validate(read_yaml(cfg_file))
+    except ConfigError as e:
+        raise ConfigError(str(cfg_file), e.message if e.path == str(cfg_file) else str(e)) from None
     model = Tokenizer(exp.model, exp.data.image_size)
-    sd = load_file(str(ckpt / "model.safetensors"))
+    try:
+        sd = load_file(str(ckpt / "model.safetensors"))
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types for a bad file
+        raise ConfigError(str(ckpt / "model.safetensors"), f"not a readable safetensors file ({type(e).__name__})") from None
+    check_resumable({"model": {k: v for k, v in sd.items() if k.startswith("model.")}, "optimizers": {}}, ckpt,
+                    {"model.": model}, {}, where=str(ckpt / "model.safetensors"))
+    bad = next((k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise ConfigError(str(ckpt / "model.safetensors"), f"{bad} holds non-finite values (a damaged or diverged checkpoint)")
     model.load_state_dict({k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")})
     return exp, model.to(device).eval()

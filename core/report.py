@@ -349,14 +349,22 @@ def build_report(raw: dict[str, Any], exp: Any) -> tuple[str, dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m core.report", description=__doc__.splitlines()[0])
+    from core.cli import OneLineParser
+
+    p = OneLineParser(prog="python -m core.report", description=__doc__.splitlines()[0])
     p.add_argument("experiment", help="the sweep's experiment YAML file")
     p.add_argument("overrides", nargs="*", help="the same dotted key=value overrides the sweep ran with")
     p.add_argument("--out", default="reports", help="directory for <name>.md and <name>.png (default: reports)")
     p.add_argument("--no-mlflow", action="store_true", help="do not attach the report to the parent MLflow run")
-    args = p.parse_args(argv)
     try:
+        args = p.parse_args(argv)
+    except SystemExit as e:  # a bad command line: one line printed already
+        return int(e.code or 0)
+    try:
+        from core.boundary import check_directory
         from core.config import apply_overrides, read_yaml, validate
+
+        check_directory(args.out, "--out")
 
         raw = apply_overrides(read_yaml(args.experiment), args.overrides)
         exp = validate(raw)

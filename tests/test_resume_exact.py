@@ -139,6 +139,6 @@ def test_resume_from_another_architecture_is_one_config_error(in_tmp, monkeypatc
 
     ckpt = list_checkpoints(first.run_dir)[-1]
     other = tiny_experiment(**{"train.steps": 4, "model.quantizer.codebook_size": 64, "train.resume": str(ckpt), "train.out_dir": "other"})
-    with pytest.raises(ConfigError, match=r"train.resume: .* was written by a different model: model.quantizer.codebook has shape \(1, 32, 8\), this model needs \(1, 64, 8\)"):
+    with pytest.raises(ConfigError, match=r"train.resume: .* was written by a different model: model.quantizer.codebook has shape \(1, 32, 8\) \(torch.float32\), this model needs \(1, 64, 8\)"):
         train(validate(other))
     assert not (in_tmp / "other").exists()
