@@ -182,6 +182,8 @@ def check_resumable(state: dict[str, Any], ckpt: Path, modules: dict[str, torch.
             if tuple(saved[k].shape) != tuple(v.shape) or saved[k].is_floating_point() != v.is_floating_point():
                 raise ConfigError(where, f"{ckpt} was written by a different model: {k} has shape "
                                          f"{tuple(saved[k].shape)} ({saved[k].dtype}), this model needs {tuple(v.shape)} ({v.dtype})")
+    if optimizers and not isinstance((state.get("extra") or {}).get("scheduler"), dict):
+        raise ConfigError(where, f"{ckpt} lacks the learning-rate scheduler's state")
     rng = state.get("rng") or {}
     if "torch" in rng and (not torch.is_tensor(rng["torch"]) or rng["torch"].shape != torch.get_rng_state().shape):
         raise ConfigError(where, f"{ckpt}: rng.safetensors holds a torch random state of the wrong shape")

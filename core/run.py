@@ -88,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
         raw = apply_overrides(read_yaml(args.experiment), args.overrides)
         exp = validate(raw)
         check_run(exp)  # environment, device, memory: before any file, MLflow run or journal entry
+        import logging
+
+        # MLflow announces creating its SQLite tables on stderr: a failing run's one line stays one line
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
         if exp.sweep:
             from core import sweep  # the sweep engine validates every cell before running any
 
