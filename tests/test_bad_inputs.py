@@ -290,12 +290,26 @@ def _entry(command: str):
     return m
 
 
-def _mlflow_statuses(tmp: Path) -> list[str]:
+@pytest.fixture(scope="module")
+def shared_mlflow(tmp_path_factory) -> str:
+    """One SQLite store for the runs that fail during training (its tables are created once)."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    import logging
+
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # as core.run does
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    MlflowClient(uri).search_experiments()
+    return uri
+
+
+def _mlflow_runs(uri: str) -> dict[str, str]:
+    """run id -> status of every run in the store."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
     exps = [e.experiment_id for e in client.search_experiments()]
-    return [r.info.status for r in client.search_runs(exps)]
+    return {r.info.run_id: r.info.status for r in client.search_runs(exps)}
 
 
 def case_id(c: dict[str, Any]) -> str:
@@ -314,6 +328,10 @@ def test_bad_input_exits_2_with_one_line(case, in_tmp, capsys, monkeypatch, requ
             names.update(SETUPS[case["setup"]](in_tmp, monkeypatch, stack, trained))
         for k, v in case.get("env", {}).items():
             monkeypatch.setenv(k, _sub(str(v), names))
+        if case.get("exit", 2) == 1:  # a run that starts: its MLflow run goes to the shared store
+            uri = request.getfixturevalue("shared_mlflow")
+            monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+            runs_before = _mlflow_runs(uri)
         before = sorted(p.name for p in in_tmp.iterdir())
         command = case.get("command", "run")
         if command == "run":
@@ -331,8 +349,8 @@ def test_bad_input_exits_2_with_one_line(case, in_tmp, capsys, monkeypatch, requ
     if expected_code == 2:
         assert sorted(p.name for p in in_tmp.iterdir()) == before  # no runs/, no mlflow.db, nothing
     else:  # a run that failed during training: recorded FAILED, nothing left RUNNING
-        statuses = _mlflow_statuses(in_tmp)
-        assert statuses and set(statuses) == {"FAILED"}, statuses
+        statuses = [st for run_id, st in _mlflow_runs(uri).items() if run_id not in runs_before]
+        assert statuses == ["FAILED"], statuses
 
 
 # ---- in a fresh process: what only a real process shows (imports, torch.distributed, a hung server) ----
