@@ -5,6 +5,11 @@ A checkpoint is written into a temporary directory (each file fsynced), ``state.
 sha256 of every file, then renamed into place: a reader sees a whole checkpoint or none. On load
 the checksums are verified; a damaged checkpoint is skipped with a warning naming it and the
 previous good one is used.
+
+``rng.safetensors`` + ``state.json["rng"]`` hold every random state a run draws from (torch's CPU
+and CUDA streams, numpy's and Python's global streams, the ``torch.Generator``s plugins hold), so a
+resumed run draws exactly what the uninterrupted one would. The batch order needs no state: the
+sampler's batch at step s is a pure function of (seed, s), and streams are replayed up to s.
 """
 from __future__ import annotations
 
