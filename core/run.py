@@ -63,7 +63,7 @@ def plan_machine(exp: Any) -> None:
     if isinstance(root, str) and not Path(root).expanduser().is_dir():
         missing(f"dataset '{exp.data.type}' directory", "download the dataset there or set data.root", at=root)
     shards = getattr(exp.data, "shards", None)
-    if isinstance(shards, str) and not Path(shards.split("{")[0]).expanduser().parent.is_dir():
+    if isinstance(shards, str) and not Path(shards.split("{")[0] + "x").expanduser().parent.is_dir():  # the first shard's directory
         missing(f"dataset '{exp.data.type}' shards", "download the shards there or set data.shards", at=shards)
 
 

@@ -447,6 +447,8 @@ def test_dry_run_plans_every_shipped_config_on_a_fresh_machine(path, in_tmp, cap
         assert "distillation teacher run at runs/clip_teacher" in out and "python -m core.run experiments/clip_teacher.yaml" in out
     if "type: perceptual" in text or "type: lpips" in text:
         assert "LPIPS vgg backbone weights at" in out
+    if isinstance(raw.get("data", {}).get("shards"), str):
+        assert f"dataset '{raw['data']['type']}' shards at {raw['data']['shards']}" in out
     if raw.get("data", {}).get("root"):
         assert f"dataset '{raw['data']['type']}' directory at {raw['data']['root']}" in out
     assert sorted(p.name for p in in_tmp.iterdir()) == []
