@@ -25,9 +25,11 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from core import bench_train
+from core.errors import ConfigError
 
 # ---------------------------------------------------------------------------------------------
 # cases
@@ -334,15 +336,40 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
 }
 
 
+def check_quantizer_args(args: argparse.Namespace) -> None:
+    """Bad options fail before any case runs (a --json path that cannot be written included)."""
+    from core.boundary import check_directory
+    from core.cli import positive
+
+    for opt in ("tokens", "reps", "threads", "timeout"):
+        positive(getattr(args, opt), f"--{opt}")
+    if getattr(args, "json", None):
+        out = Path(args.json).expanduser()
+        if out.is_dir():
+            raise ConfigError("--json", f"{args.json} is a directory; give a file path")
+        if not out.parent.is_dir():
+            raise ConfigError("--json", f"the directory {out.parent} does not exist")
+        check_directory(out.parent, "--json")
+
+
 def main(argv: list[str] | None = None) -> int:
+    from core.cli import OneLineParser, report
     from core.display import plain
 
-    parser = argparse.ArgumentParser(prog="python -m core.bench", description=plain(__doc__.split("\n\n")[0]))
+    parser = OneLineParser(prog="python -m core.bench", description=plain(__doc__.split("\n\n")[0]))
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_, add_args, _) in COMMANDS.items():
         add_args(sub.add_parser(name, help=help_))
-    args = parser.parse_args(argv)
-    return COMMANDS[args.command][2](args) or 0
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # a bad command line: one line printed already
+        return int(e.code or 0)
+    try:
+        if args.command in ("quantizers", "run-case"):
+            check_quantizer_args(args)
+        return COMMANDS[args.command][2](args) or 0
+    except ConfigError as e:
+        return report(e)
 
 
 if __name__ == "__main__":

@@ -95,6 +95,11 @@ def full_trainer(exp: Any) -> float:
 
 
 def bench_train(args: argparse.Namespace) -> int:
+    from core.cli import positive
+
+    for opt in ("steps", "repeats", "threads"):
+        positive(getattr(args, opt), f"--{opt}")
+    _experiment(args, "check", False)  # a missing or invalid experiment fails here, before any run
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         import os

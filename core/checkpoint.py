@@ -5,6 +5,11 @@ A checkpoint is written into a temporary directory (each file fsynced), ``state.
 sha256 of every file, then renamed into place: a reader sees a whole checkpoint or none. On load
 the checksums are verified; a damaged checkpoint is skipped with a warning naming it and the
 previous good one is used.
+
+``rng.safetensors`` + ``state.json["rng"]`` hold every random state a run draws from (torch's CPU
+and CUDA streams, numpy's and Python's global streams, the ``torch.Generator``s plugins hold), so a
+resumed run draws exactly what the uninterrupted one would. The batch order needs no state: the
+sampler's batch at step s is a pure function of (seed, s), and streams are replayed up to s.
 """
 from __future__ import annotations
 
@@ -79,7 +84,9 @@ def ckpt_root(run_dir: Path) -> Path:
 
 
 def save_checkpoint(run_dir: Path, step: int, model_sd: dict[str, torch.Tensor], optim_sds: dict[str, dict[str, Any]],
-                    extra: dict[str, Any], keep: int = 2) -> Path:
+                    extra: dict[str, Any], keep: int = 2, generators: dict[str, torch.Generator] | None = None) -> Path:
+    """Write checkpoint ``step``; ``generators``: the random generators plugins hold (see
+    :func:`plugin_generators`), saved with the global random states."""
     root = ckpt_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
@@ -92,14 +99,12 @@ def save_checkpoint(run_dir: Path, step: int, model_sd: dict[str, torch.Tensor],
         t, p = flatten_optimizer(sd, name)
         optim_tensors.update(t)
         optim_plain[name] = p
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    rng, rng_plain = capture_rng(generators)
     _save_tensors(model_sd, tmp / "model.safetensors")
     _save_tensors(optim_tensors, tmp / "optim.safetensors")
     _save_tensors(rng, tmp / "rng.safetensors")
     files = {f: _sha256(tmp / f) for f in ("model.safetensors", "optim.safetensors", "rng.safetensors")}
-    state = {"step": step, "files": files, "optimizers": optim_plain, "extra": extra}
+    state = {"step": step, "files": files, "optimizers": optim_plain, "extra": extra, "rng": rng_plain}
     with open(tmp / STATE, "w", encoding="utf-8") as f:
         json.dump(state, f)
         f.flush()
@@ -147,22 +152,118 @@ def load_checkpoint(ckpt: Path) -> dict[str, Any]:
     problem = verify(ckpt)
     if problem is not None:
         raise ConfigError(str(ckpt), f"damaged checkpoint: {problem}")
-    state = json.loads((ckpt / STATE).read_text(encoding="utf-8"))
-    optim_tensors = load_file(str(ckpt / "optim.safetensors"))
-    return {
-        "step": state["step"],
-        "model": load_file(str(ckpt / "model.safetensors")),
-        "optimizers": {k: unflatten_optimizer(optim_tensors, v) for k, v in state["optimizers"].items()},
-        "rng": load_file(str(ckpt / "rng.safetensors")),
-        "extra": state["extra"],
-    }
+    try:
+        state = json.loads((ckpt / STATE).read_text(encoding="utf-8"))
+        optim_tensors = load_file(str(ckpt / "optim.safetensors"))
+        rng: dict[str, Any] = dict(load_file(str(ckpt / "rng.safetensors")))
+        rng.update(state.get("rng") or {})
+        return {
+            "step": int(state["step"]),
+            "model": load_file(str(ckpt / "model.safetensors")),
+            "optimizers": {k: unflatten_optimizer(optim_tensors, v) for k, v in state["optimizers"].items()},
+            "rng": rng,
+            "extra": dict(state["extra"]),
+        }
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:
+        # whole files (the checksums match) that do not hold what a vtok checkpoint holds
+        detail = f"missing {e}" if isinstance(e, KeyError) else type(e).__name__
+        raise ConfigError(str(ckpt), f"not a vtok checkpoint ({detail})") from None
 
 
-def restore_rng(rng: dict[str, torch.Tensor]) -> None:
+def check_resumable(state: dict[str, Any], ckpt: Path, modules: dict[str, torch.nn.Module],
+                    optimizers: dict[str, torch.optim.Optimizer], where: str = "train.resume") -> None:
+    """A checkpoint written by another architecture (or a hand-edited one) -> one ConfigError
+    naming the first tensor that does not fit, before anything is loaded. ``modules`` maps a key
+    prefix (``model.``) to the module whose state it holds."""
+    saved = state["model"]
+    for prefix, module in modules.items():
+        own = {f"{prefix}{k}": v for k, v in module.state_dict().items()}
+        mine = {k for k in saved if k.startswith(prefix)}
+        missing, unexpected = sorted(set(own) - mine), sorted(mine - set(own))
+        if missing or unexpected:
+            what = f"lacks {missing[0]}" if missing else f"holds {unexpected[0]}, which this model does not have"
+            raise ConfigError(where, f"{ckpt} was written by a different model: it {what}")
+        for k, v in own.items():
+            if tuple(saved[k].shape) != tuple(v.shape) or saved[k].is_floating_point() != v.is_floating_point():
+                raise ConfigError(where, f"{ckpt} was written by a different model: {k} has shape "
+                                         f"{tuple(saved[k].shape)} ({saved[k].dtype}), this model needs {tuple(v.shape)} ({v.dtype})")
+    if optimizers and not isinstance((state.get("extra") or {}).get("scheduler"), dict):
+        raise ConfigError(where, f"{ckpt} lacks the learning-rate scheduler's state")
+    rng = state.get("rng") or {}
+    if "torch" in rng and (not torch.is_tensor(rng["torch"]) or rng["torch"].shape != torch.get_rng_state().shape):
+        raise ConfigError(where, f"{ckpt}: rng.safetensors holds a torch random state of the wrong shape")
+    for name, opt in optimizers.items():
+        sd = state["optimizers"].get(name)
+        if sd is None:
+            raise ConfigError(where, f"{ckpt} lacks the state of optimizer '{name}'")
+        params = [p for g in opt.param_groups for p in g["params"]]
+        groups = sd.get("param_groups") or []
+        if len(groups) != len(opt.param_groups) or sum(len(g.get("params", ())) for g in groups) != len(params):
+            raise ConfigError(where, f"{ckpt}: optimizer '{name}' state holds other parameters than this model's")
+        for pid, st in sd["state"].items():
+            for k, v in st.items():
+                if torch.is_tensor(v) and v.dim() > 0 and (pid >= len(params) or v.shape != params[pid].shape):
+                    raise ConfigError(where, f"{ckpt}: optimizer '{name}' state {pid}.{k} has shape {tuple(v.shape)}, not its parameter's")
+
+
+# ---- random states -----------------------------------------------------------------------------------
+
+
+def plugin_generators(*modules: torch.nn.Module) -> dict[str, torch.Generator]:
+    """Every ``torch.Generator`` held as an attribute by a (sub)module, by dotted name: plugins
+    that draw from their own stream have it saved and restored with the checkpoint."""
+    found: dict[str, torch.Generator] = {}
+    for i, root in enumerate(modules):
+        for mname, m in root.named_modules():
+            for attr, value in vars(m).items():
+                if isinstance(value, torch.Generator):
+                    found[".".join(p for p in (str(i), mname, attr) if p)] = value
+    return found
+
+
+def capture_rng(generators: dict[str, torch.Generator] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Every random state a run draws from -> (tensors for rng.safetensors, JSON for state.json):
+    torch's global CPU stream, each CUDA device's, numpy's and Python's global streams, and the
+    generators plugins hold."""
+    import random
+
+    import numpy as np
+
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    for name, g in (generators or {}).items():
+        tensors[f"gen.{name}"] = g.get_state()
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    tensors["numpy"] = torch.from_numpy(np.asarray(keys, dtype=np.int64))
+    version, internal, gauss_next = random.getstate()
+    tensors["python"] = torch.tensor(internal, dtype=torch.int64)
+    plain = {"numpy_meta": {"kind": kind, "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)},
+             "python_meta": {"version": version, "gauss_next": gauss_next}}
+    return tensors, plain
+
+
+def restore_rng(rng: dict[str, Any], generators: dict[str, torch.Generator] | None = None) -> None:
+    """Undo :func:`capture_rng` (``rng``: the tensors and the JSON part, as :func:`load_checkpoint`
+    returns them). States a checkpoint lacks (older checkpoints) are left alone."""
+    import random
+
+    import numpy as np
+
     torch.set_rng_state(rng["torch"])
-    cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda"))]
+    cuda = [rng[k] for k in sorted((k for k in rng if k.startswith("cuda")), key=lambda k: int(k[4:]))]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
+    for name, g in (generators or {}).items():
+        if f"gen.{name}" in rng:
+            g.set_state(rng[f"gen.{name}"])
+    if torch.is_tensor(rng.get("numpy")):
+        meta = rng.get("numpy_meta") or {}
+        np.random.set_state((meta.get("kind", "MT19937"), rng["numpy"].numpy().astype(np.uint32), meta.get("pos", 624),
+                             meta.get("has_gauss", 0), meta.get("cached_gaussian", 0.0)))
+    if torch.is_tensor(rng.get("python")):
+        meta = rng.get("python_meta") or {}
+        random.setstate((meta.get("version", 3), tuple(int(v) for v in rng["python"].tolist()), meta.get("gauss_next")))
 
 
 # ---- inference loading -----------------------------------------------------------------------------
@@ -217,15 +318,26 @@ def _run_dir_from_mlflow(run_id: str) -> Path:
 
 def load_for_inference(path_or_run_id: str, device: str = "cpu") -> tuple[Any, Any]:
     """(experiment config, Tokenizer in eval mode with the checkpoint's weights)."""
-    from core.config import parse_yaml, validate
+    from core.config import read_yaml, validate
     from core.model import Tokenizer
 
     run_dir, ckpt = resolve_checkpoint(path_or_run_id)
     cfg_file = run_dir / "config.yaml"
     if not cfg_file.is_file():
         raise ConfigError(str(run_dir), "config.yaml missing from the run directory")
-    exp = validate(parse_yaml(cfg_file.read_text(encoding="utf-8"), str(cfg_file)))
+    try:
+        exp = validate(read_yaml(cfg_file))
+    except ConfigError as e:
+        raise ConfigError(str(cfg_file), e.message if e.path == str(cfg_file) else str(e)) from None
     model = Tokenizer(exp.model, exp.data.image_size)
-    sd = load_file(str(ckpt / "model.safetensors"))
+    try:
+        sd = load_file(str(ckpt / "model.safetensors"))
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types for a bad file
+        raise ConfigError(str(ckpt / "model.safetensors"), f"not a readable safetensors file ({type(e).__name__})") from None
+    check_resumable({"model": {k: v for k, v in sd.items() if k.startswith("model.")}, "optimizers": {}}, ckpt,
+                    {"model.": model}, {}, where=str(ckpt / "model.safetensors"))
+    bad = next((k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise ConfigError(str(ckpt / "model.safetensors"), f"{bad} holds non-finite values (a damaged or diverged checkpoint)")
     model.load_state_dict({k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")})
     return exp, model.to(device).eval()

@@ -12,10 +12,10 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Iterator, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from core.errors import ConfigError
 from core.interfaces import ComponentConfig
@@ -23,6 +23,8 @@ from core.plugins import SINGULAR, Registry, get_registry
 
 MAX_YAML_NODES = 200_000  # a YAML "billion laughs" document expands aliases exponentially
 MAX_YAML_BYTES = 4 * 1024 * 1024
+MAX_YAML_DEPTH = 100  # no experiment nests deeper; PyYAML recurses per level
+MAX_NAME = 200
 
 
 class Loader(yaml.SafeLoader):
@@ -34,6 +36,29 @@ Loader.add_implicit_resolver(
     re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
     list("-+0123456789"),
 )
+
+
+def _mapping_without_duplicates(loader: Loader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    """A mapping whose keys are unique: a repeated key would otherwise silently win over the first.
+    Keys brought in by a merge (``<<: *base``) may be overridden, as YAML intends."""
+    seen: dict[str, int] = {}
+    for key_node, _ in node.value:
+        if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+            if key_node.value in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key '{key_node.value}' (first at line {seen[key_node.value] + 1})",
+                                                        key_node.start_mark)
+            seen[key_node.value] = key_node.start_mark.line
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, lambda loader, node: _mapping_without_duplicates_gen(loader, node))
+
+
+def _mapping_without_duplicates_gen(loader: Loader, node: yaml.MappingNode) -> Any:
+    # SafeLoader builds mappings in two phases (for recursive aliases): do the same
+    data: dict[Any, Any] = {}
+    yield data
+    data.update(_mapping_without_duplicates(loader, node))
 
 
 def yaml_load(text: str) -> Any:
@@ -62,7 +87,7 @@ class TrainConfig(Strict):
     batch_size: int = Field(32, gt=0, description="global batch (split across ranks)")
     lr: float = Field(5e-4, gt=0)
     weight_decay: float = Field(0.02, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: tuple[float, float] = (0.9, 0.95)  # each in [0, 1) (Adam's moment decays)
     eps: float = Field(1e-6, gt=0)
     warmup: float = Field(0.01, ge=0, description="warm-up length: a fraction of steps if < 1, else steps")
     schedule: Literal["cosine", "constant"] = "cosine"
@@ -82,6 +107,26 @@ class TrainConfig(Strict):
     out_dir: str = "runs"
     progress: bool = True
 
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_unit_interval(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError(f"each of Adam's betas must lie in [0, 1), got {list(v)}")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, v: str) -> str:
+        if v == "auto":
+            return v
+        import torch
+
+        try:
+            torch.device(v)
+        except (RuntimeError, ValueError):
+            raise ValueError(f"'{v}' is not a torch device: use auto, cpu, cuda, cuda:N or mps") from None
+        return v
+
 
 class TrackingConfig(Strict):
     enabled: bool = True
@@ -98,9 +143,14 @@ class TrackingConfig(Strict):
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Safe-load an experiment file; every problem is one ConfigError naming the file."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(str(path), "is a directory, not an experiment file")
     if not p.is_file():
         raise ConfigError(str(path), "experiment file not found")
-    raw = p.read_bytes()
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(str(path), f"cannot read the file ({e.strerror or type(e).__name__})") from None
     if len(raw) > MAX_YAML_BYTES:
         raise ConfigError(str(path), f"file larger than {MAX_YAML_BYTES} bytes")
     try:
@@ -113,11 +163,15 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 def parse_yaml(text: str, where: str) -> Any:
     try:
         data = yaml_load(text)
+    except RecursionError:
+        raise ConfigError(where, f"YAML nested more deeply than {MAX_YAML_DEPTH} levels") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         pos = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(where, f"invalid YAML{pos}: {problem}") from None
+    if _depth(data) > MAX_YAML_DEPTH:
+        raise ConfigError(where, f"YAML nested more deeply than {MAX_YAML_DEPTH} levels")
     if _expanded_size(data, {}) > MAX_YAML_NODES:
         raise ConfigError(where, f"YAML expands to more than {MAX_YAML_NODES} values through aliases: refusing a possible alias bomb")
     if data is None:
@@ -125,6 +179,21 @@ def parse_yaml(text: str, where: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(where, f"expected a mapping at the top level, got {type(data).__name__}")
     return data
+
+
+def _depth(node: Any) -> int:
+    """Nesting depth of lists and mappings (iterative; stops once past the limit)."""
+    stack, deepest, seen = [(node, 1)], 0, set()
+    while stack:
+        n, d = stack.pop()
+        if not isinstance(n, (dict, list)) or id(n) in seen:
+            continue
+        seen.add(id(n))
+        deepest = max(deepest, d)
+        if deepest > MAX_YAML_DEPTH:
+            break
+        stack.extend((c, d + 1) for c in (n.values() if isinstance(n, dict) else n))
+    return deepest
 
 
 def _expanded_size(node: Any, memo: dict[int, int]) -> int:
@@ -269,8 +338,9 @@ def experiment_model(reg: Registry) -> type[BaseModel]:
     return create_model(
         "Experiment",
         __config__=cfg,
-        name=(str, Field("experiment", min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")),
-        seed=(int, 0),
+        # the run directory is <name>-<config hash>[-<timestamp>]: keep it under NAME_MAX (255 bytes)
+        name=(str, Field("experiment", min_length=1, max_length=MAX_NAME, pattern=r"^[A-Za-z0-9_.\-]+$")),
+        seed=(int, Field(0, ge=0, lt=2**32, description="numpy and the batch order take 32-bit seeds")),
         data=(_union(reg, "datasets"), ...),
         model=(model, ...),
         losses=(list[_union(reg, "losses")], Field(default_factory=list)),  # type: ignore[valid-type]
@@ -349,6 +419,7 @@ def validate(data: dict[str, Any], reg: Registry | None = None) -> BaseModel:
     except ValidationError as e:
         _study_section_error(e, data)
         raise _format_validation_error(e, data) from None
+    check_values(exp, data, reg)
     check_cross_fields(exp, reg)
     from core.sweep.paper import check_study
 
@@ -367,6 +438,45 @@ def _study_section_error(e: ValidationError, data: dict[str, Any]) -> None:
         from core.sweep.paper import parse_paper
 
         parse_paper(data.get("paper"))
+
+
+_MISSING = object()
+
+
+def _fields(model: BaseModel, raw: Any, path: str) -> Iterator[tuple[str, Any, Any, Any]]:
+    """(dotted path, validated value, the raw input or _MISSING, FieldInfo) of every field, nested."""
+    for name, field in type(model).model_fields.items():
+        value = getattr(model, name)
+        r = raw.get(name, _MISSING) if isinstance(raw, dict) else _MISSING
+        p = f"{path}.{name}" if path else name
+        if isinstance(value, BaseModel):
+            yield from _fields(value, r, p)
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                rr = r[i] if isinstance(r, (list, tuple)) and i < len(r) else _MISSING
+                if isinstance(v, BaseModel):
+                    yield from _fields(v, rr, f"{p}.{i}")
+                else:
+                    yield f"{p}.{i}", v, rr, field
+        elif not isinstance(value, dict):
+            yield p, value, r, field
+
+
+def check_values(exp: BaseModel, data: dict[str, Any], reg: Registry) -> None:
+    """Values that validate but cannot train: a boolean where a number is meant (``steps: true`` is
+    not 1), a non-finite float (``lr: .inf``, a NaN weight) unless the field says
+    ``json_schema_extra={"nonfinite": True}``, a negative loss weight unless the loss class sets
+    ``negative_weight = True`` (a term meant to be maximised)."""
+    for path, value, raw, field in _fields(exp, data, ""):
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        if isinstance(raw, bool) and isinstance(value, (int, float)) and not isinstance(value, bool):
+            raise ConfigError(path, f"expected a number, got the boolean {str(raw).lower()}")
+        if isinstance(value, float) and not math.isfinite(value) and not extra.get("nonfinite"):
+            raise ConfigError(path, f"must be a finite number (got {value})")
+    for i, loss in enumerate(getattr(exp, "losses", [])):
+        weight = getattr(loss, "weight", None)
+        if isinstance(weight, (int, float)) and weight < 0 and not getattr(reg.get("losses", loss.type), "negative_weight", False):
+            raise ConfigError(f"losses.{i}.weight", f"{weight} is negative: a loss weight must be >= 0 ('{loss.type}' does not declare negative weights meaningful)")
 
 
 def check_cross_fields(exp: Any, reg: Registry) -> None:

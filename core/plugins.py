@@ -117,7 +117,7 @@ def build_registry(registry_file: Path = REGISTRY_FILE, entry_points: bool = Tru
             else:
                 dists[ep.name] = f"{ep.value} ({dist})"
 
-    pm.check_pending()  # a misspelled register_* hook fails loudly
+    _drop_pending(pm, reg)  # a misspelled register_* hook: that plugin is reported and skipped
     from core import interfaces
 
     for kind in hookspecs.KINDS:
@@ -125,20 +125,55 @@ def build_registry(registry_file: Path = REGISTRY_FILE, entry_points: bool = Tru
         base = getattr(interfaces, _BASES[kind])
         for impl in hook.get_hookimpls():
             provider = dists.get(impl.plugin_name, impl.plugin_name)
-
-            def register(name: str, cls: type, _kind=kind, _provider=provider, _base=base) -> None:
-                _add(reg, _kind, name, cls, _provider, _base)
-
-            impl.function(register=register)
+            if impl.plugin_name in reg.failed:
+                continue
+            added: list[tuple[str, type]] = []
+            try:
+                impl.function(register=lambda name, cls: added.append((name, cls)))
+                for name, cls in added:
+                    _check(kind, name, cls, provider, base)
+            except Exception as e:  # a hook that raises, a component without its type literal: skip that plugin
+                reg.failed[impl.plugin_name] = f"{type(e).__name__}: {e}"
+                _warn(f"plugin {provider} failed to register its {kind}: {reg.failed[impl.plugin_name]}")
+                _forget(reg, provider)
+                continue
+            for name, cls in added:
+                _add(reg, kind, name, cls, provider, base)
     return reg
 
 
-def _add(reg: Registry, kind: str, name: str, cls: type, provider: str, base: type) -> None:
+def _drop_pending(pm: pluggy.PluginManager, reg: Registry) -> None:
+    """pluggy's ``check_pending`` for each plugin: one whose hook names no hookspec (a typo such as
+    ``register_quantizer``) is unregistered, recorded in ``reg.failed`` and warned about by name."""
+    for name, plugin in list(pm.list_name_plugin()):
+        for hook_name, callers in pm.hook.__dict__.items():
+            if hook_name.startswith("_") or callers.spec is not None:
+                continue
+            if any(impl.plugin is plugin for impl in callers.get_hookimpls()):
+                reg.failed[name] = f"unknown hook {hook_name} (hooks: {', '.join('register_' + k for k in hookspecs.KINDS)})"
+                _warn(f"plugin {name} skipped: {reg.failed[name]}")
+                pm.unregister(plugin)
+                break
+    pm.check_pending()
+
+
+def _forget(reg: Registry, provider: str) -> None:
+    """Remove what ``provider`` registered for other kinds before one of its hooks failed."""
+    for kind in reg.components:
+        for name in [n for n, e in reg.components[kind].items() if e.provider == provider]:
+            del reg.components[kind][name]
+
+
+def _check(kind: str, name: str, cls: type, provider: str, base: type) -> None:
     if not (isinstance(cls, type) and issubclass(cls, base)):
         raise TypeError(f"{provider} registered {SINGULAR[kind]} '{name}' that is not a {base.__name__}")
     literal = getattr(getattr(cls, "Config", None), "model_fields", {}).get("type")
     if literal is None or getattr(literal.annotation, "__args__", ()) != (name,):
         raise TypeError(f"{provider} registered {SINGULAR[kind]} '{name}' whose Config lacks type: Literal['{name}']")
+
+
+def _add(reg: Registry, kind: str, name: str, cls: type, provider: str, base: type) -> None:
+    _check(kind, name, cls, provider, base)
     if name in reg.components[kind]:
         other = reg.components[kind][name].provider
         raise ConfigError("", f"duplicate {SINGULAR[kind]} '{name}' registered by {other} and by {provider}")

@@ -318,15 +318,22 @@ def write_report(raw: dict[str, Any], exp: Any, out_dir: str | Path = "reports",
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m core.report", description=_plain(__doc__.split("\n\n")[0]))
+    from core.cli import OneLineParser
+
+    p = OneLineParser(prog="python -m core.report", description=_plain(__doc__.split("\n\n")[0]))
     p.add_argument("experiment", help="the sweep's experiment YAML file")
     p.add_argument("overrides", nargs="*", help="the same dotted key=value overrides the sweep ran with")
     p.add_argument("--out", default="reports", help="directory for <name>.md and <name>.png (default: reports)")
     p.add_argument("--no-mlflow", action="store_true", help="do not attach the report to the parent MLflow run")
-    args = p.parse_args(argv)
     try:
+        args = p.parse_args(argv)
+    except SystemExit as e:  # a bad command line: one line printed already
+        return int(e.code or 0)
+    try:
+        from core.boundary import check_directory
         from core.config import apply_overrides, read_yaml
 
+        check_directory(args.out, "--out")
         file_raw = read_yaml(args.experiment)
         raw = apply_overrides(file_raw, args.overrides)
         exp = report_view(raw)

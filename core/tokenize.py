@@ -70,8 +70,10 @@ def _limit(text: Optional[str]) -> Optional[int]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m core.tokenize", description=_plain(__doc__.split("\n\n")[0]),
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
+    from core.cli import OneLineParser
+
+    p = OneLineParser(prog="python -m core.tokenize", description=_plain(__doc__.split("\n\n")[0]),
+                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
     p.add_argument("--run", required=True, help="run directory, checkpoint directory or MLflow run id")
     p.add_argument("--out", required=True, help="tokens .safetensors (encode); images .safetensors or a directory of PNGs (decode)")
     p.add_argument("--decode", metavar="TOKENS", help="decode this tokens file instead of encoding a dataset")
@@ -237,6 +239,8 @@ def check_tokens_fit(model: Any, indices: Tensor, meta: dict[str, str], path: st
     k = model.quantizer.codes_per_token
     if indices.dim() != 3 or indices.shape[1] != model.grid[0] * model.grid[1] or indices.shape[2] != k:
         raise ConfigError(path, f"indices of shape {tuple(indices.shape)}; the model needs (N, {model.grid[0] * model.grid[1]}, {k})")
+    if indices.dtype.is_floating_point or indices.dtype == torch.bool or indices.dtype.is_complex:
+        raise ConfigError(path, f"indices are {indices.dtype}; token indices are integers (int64)")
     sizes = torch.tensor(model.quantizer.codebook_sizes)
     if indices.numel() and ((indices < 0).any() or (indices >= sizes).any()):
         raise ConfigError(path, f"indices outside the codebooks (sizes {list(model.quantizer.codebook_sizes)})")
@@ -295,8 +299,25 @@ def run_decode(args: argparse.Namespace, model: Any) -> None:
     print(f"{args.out}: {images.shape[0]} images of {images.shape[-2]}x{images.shape[-1]}")
 
 
+def check_out(out: str, decode: bool) -> None:
+    """The output can be written: a ``.safetensors`` file that is not a directory, or a directory of
+    PNGs that is not a file; neither under a file. Checked before any encoding or decoding."""
+    from core.boundary import check_directory
+
+    p = Path(out).expanduser()
+    if out.endswith(".safetensors") or not decode:
+        if p.is_dir():
+            raise ConfigError("--out", f"{out} is a directory; give a .safetensors file path")
+        check_directory(p.parent, "--out")
+    else:
+        check_directory(p, "--out")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    try:
+        args = parser().parse_args(argv)
+    except SystemExit as e:  # a bad command line: one line printed already
+        return int(e.code or 0)
     args.limit_given = args.limit is not None
     try:
         args.limit = _limit(args.limit)
@@ -304,6 +325,12 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--batch-size", f"must be positive, got {args.batch_size}")
         if args.num_workers < 0:
             raise ConfigError("--num-workers", f"must be >= 0, got {args.num_workers}")
+        from core.boundary import check_device
+
+        check_device(args.device, "--device")
+        check_out(args.out, bool(args.decode))
+        if args.decode:
+            load_tokens(args.decode)  # a missing or unreadable tokens file before the model is loaded
         from core.checkpoint import load_for_inference
 
         exp, model = load_for_inference(args.run, device=args.device)

@@ -276,3 +276,76 @@ def make_tracker(cfg: Any, experiment: str, enabled: bool = True) -> Tracker:
     if not (enabled and cfg.enabled):
         return Tracker()
     return MlflowTracker(cfg.uri, cfg.experiment or experiment, cfg.flush_every)
+
+
+# ---- checking a tracking URI before anything is written -------------------------------------------
+
+_DB_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+_SCHEMES = ("file", "http", "https", "databricks", "databricks-uc", "uc", *_DB_SCHEMES)
+
+
+def check_uri(uri: str | None, timeout: float = 3.0) -> None:
+    """Raise ConfigError (naming ``tracking.uri`` or ``MLFLOW_TRACKING_URI``) when the tracking store
+    cannot work: an unknown scheme, a SQLite file in a directory that does not exist (or that is a
+    directory itself), a local store path under a file, or a server that does not accept a
+    connection within ``timeout`` seconds (fail fast instead of MLflow's minutes of retries)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from core.errors import ConfigError
+
+    where = "tracking.uri" if uri else "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "tracking.uri"
+    full = resolve_uri(uri)
+    parts = urlsplit(full)
+    scheme = parts.scheme.split("+")[0].lower()  # postgresql+psycopg2 -> postgresql
+    if len(scheme) == 1 or not scheme:  # a plain (or Windows drive) path: MLflow's file store
+        scheme, local = "file", full
+    else:
+        local = parts.path
+    if scheme not in _SCHEMES:
+        raise ConfigError(where, f"unknown tracking URI scheme '{parts.scheme}' in {full!r} (use sqlite:///FILE.db, "
+                                 "http(s)://HOST:PORT, postgresql://..., or a directory path)")
+    if scheme == "sqlite":
+        if ":memory:" in full:
+            return
+        db = Path(full[len("sqlite:///"):]) if full.startswith("sqlite:///") else Path(local)
+        if db.is_dir():
+            raise ConfigError(where, f"{db} is a directory, not a SQLite database file")
+        if not db.parent.is_dir():
+            raise ConfigError(where, f"the directory of the SQLite database {db} does not exist")
+        return
+    if scheme == "file":
+        p = Path(local)
+        if p.exists() and not p.is_dir():
+            raise ConfigError(where, f"{p} is a file; a file store is a directory")
+        for parent in p.parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    raise ConfigError(where, f"{p} lies under the file {parent}")
+                break
+        return
+    if scheme in ("http", "https", *_DB_SCHEMES):
+        host = parts.hostname
+        if not host:
+            raise ConfigError(where, f"no host in {full!r}")
+        try:
+            port = parts.port or {"http": 80, "https": 443, "postgresql": 5432, "mysql": 3306, "mssql": 1433}[scheme]
+        except ValueError:
+            raise ConfigError(where, f"invalid port in {full!r}") from None
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                pass
+        except OSError as e:
+            raise ConfigError(where, f"cannot reach the tracking server {host}:{port} ({e.strerror or type(e).__name__}); "
+                                     "start it or set tracking.enabled=false") from None
+        if scheme in ("http", "https"):  # a port that accepts but never answers would hang MLflow for minutes
+            import urllib.error
+            import urllib.request
+
+            try:
+                urllib.request.urlopen(f"{parts.scheme}://{parts.netloc}/health", timeout=timeout).close()
+            except urllib.error.HTTPError:
+                pass  # it answers: an HTTP server (a proxy path may 404 on /health)
+            except (OSError, ValueError) as e:
+                raise ConfigError(where, f"the tracking server {host}:{port} does not answer HTTP within {timeout:g} s "
+                                         f"({type(e).__name__}); start it or set tracking.enabled=false") from None

@@ -24,7 +24,8 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, Sampler, Subset
 
 from core import dist
-from core.checkpoint import find_latest, load_checkpoint, restore_rng, save_checkpoint, verify
+from core.checkpoint import (check_resumable, find_latest, load_checkpoint, plugin_generators, restore_rng,
+                             save_checkpoint, verify)
 from core.config import config_hash, flatten, to_dict
 from core.errors import ConfigError
 from core.figures import log_eval_figures
@@ -337,13 +338,14 @@ def train(exp: Any, reg: Registry | None = None, *, built: Built | None = None, 
     start, run_id, skipped = 0, None, 0
     if ckpt is not None:
         state = load_checkpoint(ckpt)
+        check_resumable(state, ckpt, {"model.": model, "losses.": losses},
+                        {"main": opt, **{f"aux{i}": o for i, o in aux_opts.items()}})
         model.load_state_dict({k[6:]: v for k, v in state["model"].items() if k.startswith("model.")})
         losses.load_state_dict({k[7:]: v for k, v in state["model"].items() if k.startswith("losses.")})
         opt.load_state_dict(state["optimizers"]["main"])
         for i, o in aux_opts.items():
             o.load_state_dict(state["optimizers"][f"aux{i}"])
         sched.load_state_dict(state["extra"]["scheduler"])
-        restore_rng(state["rng"])
         start, run_id, skipped = state["step"], state["extra"].get("run_id"), state["extra"].get("skipped", 0)
         if dist.rank() == 0:
             extended = " (a finished run, continued: the learning-rate schedule now ends at the new total)" if done.is_file() else ""
@@ -351,6 +353,9 @@ def train(exp: Any, reg: Registry | None = None, *, built: Built | None = None, 
 
     # data before any file or MLflow run exists: a batch larger than the data is bad input
     data = train_loader(built.train_set, cfg, exp.seed, start)
+    generators = plugin_generators(model, losses)
+    if ckpt is not None:  # after the loader: making its iterator draws from the global stream
+        restore_rng(state["rng"], generators)
     ev_loader = eval_loader(built.eval_set, cfg)
     is_main = dist.rank() == 0
     if tracker is None:
@@ -384,7 +389,7 @@ def train(exp: Any, reg: Registry | None = None, *, built: Built | None = None, 
         sd.update({f"losses.{k}": v for k, v in losses.state_dict().items()})
         optims = {"main": opt.state_dict(), **{f"aux{i}": o.state_dict() for i, o in aux_opts.items()}}
         save_checkpoint(run_dir, step, sd, optims, {"scheduler": sched.state_dict(), "run_id": run_id, "skipped": skipped},
-                        keep=cfg.keep_checkpoints)
+                        keep=cfg.keep_checkpoints, generators=generators)
 
     usage_history: list[tuple[int, list[float]]] = []  # codebook usage per evaluation (figures)
 

@@ -12,7 +12,9 @@ def require_file(path: str | Path, what: str) -> Path:
     """The path as a Path; ValueError (one line naming the file) when it is not a file."""
     p = Path(path).expanduser()
     if not p.is_file():
-        raise ValueError(f"{what} not found: {p} (weights cannot be downloaded here; give a local file)")
+        from core.needs import missing
+
+        missing(what, "weights cannot be downloaded here; give a local file", at=p)  # --dry-run lists it
     return p
 
 

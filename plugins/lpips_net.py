@@ -37,10 +37,10 @@ def check_backbone_file(net: str, path: Optional[str]) -> None:
     """Raise ValueError (one line, naming the file) when the trunk weights are absent."""
     f = backbone_file(net, path)
     if not f.is_file():
-        raise ValueError(
-            f"LPIPS {net} backbone weights not found at {f}: put torchvision's {BACKBONE_FILES[net]} "
-            "there or set backbone_path (no download without internet)"
-        )
+        from core.needs import missing
+
+        missing(f"LPIPS {net} backbone weights",  # --dry-run lists it; a real run stops here
+                f"put torchvision's {BACKBONE_FILES[net]} there or set backbone_path (no download without internet)", at=f)
 
 
 def _trunk_key(key: str) -> str:

@@ -62,7 +62,7 @@ def test_duplicate_name_names_both_providers(tmp_path, monkeypatch):
     assert "plugins.quantizers.vq" in str(e.value) and "dup_vtok_plugin" in str(e.value)
 
 
-def test_misspelled_hook_fails_loudly(tmp_path, monkeypatch):
+def test_misspelled_hook_is_reported_and_only_that_plugin_skipped(tmp_path, monkeypatch, capsys):
     (tmp_path / "typo_vtok_plugin.py").write_text(textwrap.dedent("""
         from core.hookspecs import hookimpl
         @hookimpl
@@ -70,8 +70,27 @@ def test_misspelled_hook_fails_loudly(tmp_path, monkeypatch):
             pass
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
-    with pytest.raises(Exception, match="register_quantizer"):
-        build_registry(_write_registry(tmp_path, {"typo_vtok_plugin": {}}), entry_points=False)
+    reg = build_registry(_write_registry(tmp_path, {"typo_vtok_plugin": {}}), entry_points=False)
+    assert "unknown hook register_quantizer" in reg.failed["typo_vtok_plugin"]
+    assert "vq" in reg.components["quantizers"]  # the other plugins still work
+    assert "plugin typo_vtok_plugin skipped: unknown hook register_quantizer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("body, expect", [
+    ("raise RuntimeError('hook exploded')", "RuntimeError: hook exploded"),
+    ("from pydantic import BaseModel\n    from core.interfaces import Quantizer\n"
+     "    class Q(Quantizer):\n        class Config(BaseModel):\n            levels: int = 3\n    register('q3', Q)",
+     "whose Config lacks type: Literal['q3']"),
+])
+def test_a_plugin_whose_hook_fails_is_skipped_alone(tmp_path, monkeypatch, capsys, body, expect):
+    module = f"bad_hook_{abs(hash(body))}_vtok_plugin"  # a fresh module per case (sys.modules caches)
+    (tmp_path / f"{module}.py").write_text(
+        "from core.hookspecs import hookimpl\n@hookimpl\ndef register_quantizers(register):\n    " + body + "\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    reg = build_registry(_write_registry(tmp_path, {module: {"quantizers": ["q3"]}}), entry_points=False)
+    assert expect in reg.failed[module]
+    assert "q3" not in reg.components["quantizers"] and "vq" in reg.components["quantizers"]
+    assert module in capsys.readouterr().err
 
 
 def test_disable_plugins_blocks_a_module(monkeypatch):

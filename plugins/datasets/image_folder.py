@@ -16,10 +16,10 @@ import numpy as np
 from PIL import Image
 from pydantic import Field
 
-from core.errors import ConfigError
+from core.errors import ConfigError, DataError
 from core.hookspecs import hookimpl
 from core.interfaces import Dataset, DatasetConfig
-from plugins.datasets._image import image_transform
+from plugins.datasets._image import DECODE_ERRORS, bad_file, image_transform
 
 EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".ppm", ".gif", ".tif", ".tiff"}
 TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "an image of a {}."]
@@ -38,6 +38,7 @@ class ImageFolderConfig(DatasetConfig):
     prompts: Literal["folders", "imagenet"] = "folders"
     crop_scale: tuple[float, float] = (0.8, 1.0)  # RandomResizedCrop area range (train split)
     crop_ratio: float = Field(0.875, gt=0, le=1)  # eval: resize to size / ratio, then centre crop
+    on_corrupt: Literal["fail", "skip"] = "fail"  # an undecodable image: stop the run naming it, or skip it with a warning
 
     @property
     def provides_text(self) -> bool:
@@ -92,6 +93,16 @@ class ImageFolder(Dataset):
         return len(self.samples)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
+        # on_corrupt=skip: an undecodable file is replaced by the next decodable one (warning names it)
+        for k in range(len(self.samples)):
+            j = (i + k) % len(self.samples)
+            try:
+                return self._item(j)
+            except DECODE_ERRORS as e:
+                bad_file(str(self.samples[j][0]), e, self.cfg.on_corrupt)
+        raise DataError(f"{self.dir}: no image can be decoded")
+
+    def _item(self, i: int) -> dict[str, Any]:
         path, label = self.samples[i]
         with Image.open(path) as img:
             image = self.transform(img)

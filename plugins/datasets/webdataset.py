@@ -29,7 +29,7 @@ from pydantic import Field
 from core.errors import ConfigError
 from core.hookspecs import hookimpl
 from core.interfaces import Dataset, DatasetConfig
-from plugins.datasets._image import image_transform
+from plugins.datasets._image import DECODE_ERRORS, bad_file, image_transform
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 TEXT_EXTS = ("txt", "caption")
@@ -45,6 +45,7 @@ class WebDatasetConfig(DatasetConfig):
     crop_scale: tuple[float, float] = (0.8, 1.0)  # RandomResizedCrop area range (train split)
     crop_ratio: float = Field(0.875, gt=0, le=1)  # eval: resize to size / ratio, then centre crop
     class_names: list[str] = Field(default_factory=list)  # names of the ``.cls`` labels (enables zero-shot, fd_refnet)
+    on_corrupt: Literal["fail", "skip"] = "fail"  # an undecodable sample or shard: stop naming it, or skip it with a warning
 
     @property
     def provides_text(self) -> bool:
@@ -127,12 +128,21 @@ class WebDataset(Dataset, torch.utils.data.IterableDataset):
             np.random.default_rng([self.seed, self.epoch]).shuffle(order)
         if len(order) >= total:
             for s in order[g::total]:
-                yield from read_shard(self.shards[s])
+                yield from self._read(self.shards[s])
             return
         for s in order:
-            for j, sample in enumerate(read_shard(self.shards[s])):
+            for j, sample in enumerate(self._read(self.shards[s])):
                 if j % total == g:
                     yield sample
+
+    def _read(self, shard: str) -> Iterator[dict[str, bytes]]:
+        """The shard's samples, each tagged with its shard; a damaged tar is reported by name."""
+        try:
+            for sample in read_shard(shard):
+                sample["__shard__"] = shard
+                yield sample
+        except (tarfile.TarError, OSError, EOFError) as e:
+            bad_file(shard, e, self.cfg.on_corrupt)
 
     def _shuffled(self, samples: Iterator[dict[str, bytes]]) -> Iterator[dict[str, bytes]]:
         size = self.cfg.shuffle_buffer if self.split == "train" else 0
@@ -156,11 +166,15 @@ class WebDataset(Dataset, torch.utils.data.IterableDataset):
         img_ext = next((e for e in IMAGE_EXTS if e in sample), None)
         if img_ext is None:
             return None  # a sample without an image (e.g. a stray metadata file) is skipped
-        with Image.open(io.BytesIO(sample[img_ext])) as img:
-            image = self.transform(img)
-        txt_ext = next((e for e in TEXT_EXTS if e in sample), None)
-        text = sample[txt_ext].decode("utf-8").strip() if txt_ext else ""
-        label = int(sample["cls"].decode().strip()) if "cls" in sample else -1
+        try:
+            with Image.open(io.BytesIO(sample[img_ext])) as img:
+                image = self.transform(img)
+            txt_ext = next((e for e in TEXT_EXTS if e in sample), None)
+            text = sample[txt_ext].decode("utf-8").strip() if txt_ext else ""
+            label = int(sample["cls"].decode().strip()) if "cls" in sample else -1
+        except DECODE_ERRORS as e:  # UnicodeDecodeError and a non-integer label are ValueErrors
+            bad_file(f"{sample.get('__shard__', '?')}:{sample['__key__']}", e, self.cfg.on_corrupt)
+            return None
         return {"image": image, "text": text, "label": label, "key": sample["__key__"]}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:

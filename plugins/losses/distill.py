@@ -43,8 +43,11 @@ class TeacherConfig(BaseModel):
             raise ValueError(f"teacher kind '{self.kind}' needs a model name (teacher.name)")
         if self.kind == "vtok":
             if find_run_dir(self.path) is None:
-                raise ValueError(f"distillation teacher run not found: {self.path} (a vtok run or checkpoint directory, or a "
-                                 f"run-name prefix such as runs/clip_teacher after python -m core.run experiments/clip_teacher.yaml)")
+                from core.needs import missing
+
+                missing("distillation teacher run",  # --dry-run lists it; a real run stops here
+                        "a vtok run or checkpoint directory, or a run-name prefix such as runs/clip_teacher "
+                        "after python -m core.run experiments/clip_teacher.yaml", at=self.path)
         else:
             require_file(self.path, f"distillation teacher weights file ({self.kind} {self.name})")
         return self
