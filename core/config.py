@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from core.errors import ConfigError
-from core.interfaces import ComponentConfig
+from core.interfaces import ComponentConfig, OptimizerConfig, VocabModel
 from core.plugins import SINGULAR, Registry, get_registry
 
 MAX_YAML_NODES = 200_000  # a YAML "billion laughs" document expands aliases exponentially
@@ -40,15 +40,15 @@ def yaml_load(text: str) -> Any:
     return yaml.load(text, Loader=Loader)  # noqa: S506 - Loader is a SafeLoader subclass
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+class Strict(VocabModel):
+    """Unknown keys are errors; retired names name their replacement (core.interfaces.RETIRED)."""
 
 
 class TextConfig(Strict):
     """The text tower (open_clip TextTransformer, trained from scratch) and the CLIP image head."""
 
     width: int = Field(256, gt=0)
-    layers: int = Field(4, gt=0)
+    depth: int = Field(4, gt=0, description="transformer blocks (open_clip's layers)")
     heads: int = Field(4, gt=0)
     context_length: int = Field(77, gt=0)
     embed_dim: Optional[int] = Field(None, gt=0, description="joint embedding width (default: width)")
@@ -59,10 +59,9 @@ class TextConfig(Strict):
 class TrainConfig(Strict):
     steps: int = Field(1000, gt=0)
     batch_size: int = Field(32, gt=0, description="global batch (split across ranks)")
-    lr: float = Field(5e-4, gt=0)
-    weight_decay: float = Field(0.02, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = Field(1e-6, gt=0)
+    renamed = {"lr": "optimizer.lr", "betas": "optimizer.betas", "eps": "optimizer.eps",
+               "weight_decay": "optimizer.weight_decay"}
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     warmup: float = Field(0.01, ge=0, description="warm-up length: a fraction of steps if < 1, else steps")
     schedule: Literal["cosine", "constant"] = "cosine"
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
@@ -289,7 +288,10 @@ def _format_validation_error(e: ValidationError, data: dict[str, Any]) -> Config
         else:
             node = None
     msg = err["msg"][0].lower() + err["msg"][1:]
-    if err["type"] == "extra_forbidden":
+    if err["type"] == "renamed":  # a retired field name (core.interfaces.RETIRED)
+        loc.append(err["ctx"]["old"])
+        msg = f"renamed to {err['ctx']['new']}"
+    elif err["type"] == "extra_forbidden":
         msg = "unknown key (extra inputs are not permitted)"
     elif "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], (dict, list)):
         msg += f" (got {err['input']!r})"

@@ -33,17 +33,76 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 from torch import Tensor, nn
 
+#: Retired field names -> the name that replaced them (see the glossary above). A config that
+#: uses one of these keys (and does not declare it as a field) fails with ``<path>.<old>: renamed
+#: to <new>``. Names whose meaning depends on the plugin (``depth`` in ``rq``, ``dim``, ``path``,
+#: ``terms``, the ``d_*`` / ``dino_*`` / ``ref_*`` groups, ``train.lr``) are retired per class
+#: in ``renamed``.
+RETIRED: dict[str, str] = {
+    "n_codebooks": "codes_per_token",
+    "n_groups": "codes_per_token",
+    "group_dim": "code_dim",
+    "inv_temperature": "entropy_temperature (= 1 / inv_temperature)",
+    "entropy_over_inv_temperature": "entropy_scaled_by_temperature",
+    "out": "out_dim",
+    "layers": "depth",
+    "n_layers": "depth",
+    "backbone_path": "weights",
+    "inception_weights": "weights",
+    "dino_weights": "discriminator.weights",
+    "commitment": "commitment_weight",
+}
 
-class ComponentConfig(BaseModel):
+
+class VocabModel(BaseModel):
+    """Base of every config model: unknown keys are errors, and a retired name is an error naming
+    its replacement (:data:`RETIRED` plus the class's own ``renamed`` table)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    #: retired field name -> its replacement, for this class only (merged over :data:`RETIRED`)
+    renamed: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def retired_names(cls) -> dict[str, str]:
+        """Every retired name this class rejects (none of them is one of its fields)."""
+        table = {**RETIRED, **cls.renamed}
+        return {old: new for old, new in table.items() if old not in cls.model_fields}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_retired_names(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            table = cls.retired_names()
+            for key in data:
+                if key in table:
+                    raise PydanticCustomError("renamed", "renamed to {new}", {"old": key, "new": table[key]})
+        return data
+
+
+class OptimizerConfig(VocabModel):
+    """AdamW settings, one model for every optimizer a config describes (``train.optimizer`` and a
+    discriminator's ``optimizer``, which subclasses it with its own defaults)."""
+
+    lr: float = Field(5e-4, gt=0)  # learning rate (peak, after warm-up)
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
+    eps: float = Field(1e-6, gt=0)  # AdamW eps
+    weight_decay: float = Field(0.02, ge=0)  # AdamW decoupled weight decay (not on 1-d parameters)
+
+    def adamw(self, params: Any) -> torch.optim.AdamW:
+        """AdamW over ``params`` (tensors or param groups) with these settings."""
+        return torch.optim.AdamW(params, lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay)
+
+
+class ComponentConfig(VocabModel):
     """Base of every plugin config: unknown keys are errors; ``type`` names the plugin.
 
     Subclasses narrow ``type`` to ``Literal["name"]`` so the registry can build discriminated unions.
     """
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
     type: str
 
 
@@ -177,8 +236,9 @@ class Quantizer(Component, nn.Module):
         raise NotImplementedError
 
     def loss_weights(self) -> dict[str, float]:
-        """The weight of each reported loss term in the source paper (e.g. commitment beta=0.25);
-        the ``quantizer`` loss plugin applies these unless its config overrides them."""
+        """The weight of each reported loss term, from the config's ``<term>_weight`` fields (defaults:
+        the source paper's, e.g. ``commitment_weight`` beta=0.25); the ``quantizer`` loss applies them
+        (the only place a quantizer term's weight is set)."""
         return {}
 
     def indices_to_codes(self, indices: Tensor) -> Tensor:  # pragma: no cover

@@ -39,7 +39,7 @@ class TextTower(nn.Module):
         self.tokenizer = SimpleTokenizer(context_length=cfg.context_length)
         self.transformer = TextTransformer(
             context_length=cfg.context_length, vocab_size=self.tokenizer.vocab_size,
-            width=cfg.width, heads=cfg.heads, layers=cfg.layers, output_dim=embed_dim,
+            width=cfg.width, heads=cfg.heads, layers=cfg.depth, output_dim=embed_dim,
         )
 
     def tokenize(self, texts: list[str], device: torch.device) -> Tensor:

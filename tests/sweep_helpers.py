@@ -24,7 +24,7 @@ TINY = {
         "decoder": {"type": "conv", "width": 8, "channel_mult": [1, 1]},
     },
     "losses": [{"type": "pixel"}, {"type": "quantizer"}],
-    "train": {"steps": 3, "batch_size": 8, "eval_size": 16, "progress": False, "lr": 1.0e-3},
+    "train": {"steps": 3, "batch_size": 8, "eval_size": 16, "progress": False, "optimizer": {"lr": 1.0e-3}},
     "eval": [{"type": "psnr_ssim"}],
     "sweep": {
         "seeds": [0, 1],

@@ -35,7 +35,7 @@ MODEL = {
     "post_projector": {"type": "attention"},
     "decoder": {"type": "vitamin", "width": C, "depth": L, "heads": HEADS, "stage_widths": list(DEC_STAGES),
                 "stage_depths": list(DEC_DEPTHS)},
-    "text": {"width": TW, "layers": TL, "heads": 2, "context_length": CTX, "embed_dim": E},
+    "text": {"width": TW, "depth": TL, "heads": 2, "context_length": CTX, "embed_dim": E},
 }
 EXPERIMENT = {"name": "unitok_small", "data": {"type": "shapes", "image_size": 32}, "model": MODEL}
 

@@ -42,7 +42,7 @@ def _space_with(**extra):
     ({"model.quantizer": {"a": {"type": "vqq"}}}, {}, "sweep.space.model.quantizer.a.type: unknown quantizer 'vqq'"),
     (_space_with(**{"model.quantizer.depth": {"choices": [1], "when": {"model.quantizer": "b"}}}), {},
      "sweep.space.model.quantizer.depth.when.model.quantizer: no choice 'b'"),
-    (_space_with(**{"train.lr": {"low": 1e-4, "high": 1e-2}}), {}, "sweep.space.train.lr: a range in a grid needs a step"),
+    (_space_with(**{"train.optimizer.lr": {"low": 1e-4, "high": 1e-2}}), {}, "sweep.space.train.optimizer.lr: a range in a grid needs a step"),
     (_space_with(**{"train.lrr": [1, 2]}), {}, "sweep.space.train.lrr: unknown key"),
     (_space_with(**{"variant": {"x": {"train.steps": 0}}}), {}, "sweep.space.variant.x.train.steps: input should be greater than 0"),
     (_space_with(), {"sampler": "tpe"}, "sweep.n_trials: required with sampler tpe"),
