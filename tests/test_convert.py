@@ -31,7 +31,7 @@ MODEL = {
     "encoder": {"type": "hybrid", "downsample": 16, "width": C, "depth": L, "heads": HEADS, "conv_width": STEM,
                 "channel_mult": [s // STEM for s in STAGES], "conv_depth": CONV_DEPTH},
     "pre_projector": {"type": "attention"},
-    "quantizer": {"type": "mcq", "n_codebooks": N_CB, "codebook_size": K, "code_dim": V // N_CB},
+    "quantizer": {"type": "mcq", "codes_per_token": N_CB, "codebook_size": K, "code_dim": V // N_CB},
     "post_projector": {"type": "attention"},
     "decoder": {"type": "vitamin", "width": C, "depth": L, "heads": HEADS, "stage_widths": list(DEC_STAGES),
                 "stage_depths": list(DEC_DEPTHS)},

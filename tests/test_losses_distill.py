@@ -96,7 +96,7 @@ def test_missing_teacher_fails_at_validation(tmp_path):
 def test_vtok_teacher_uses_the_continuous_clip_path(tmp_path, monkeypatch):
     exp = validate({
         "data": {"type": "shapes", "image_size": 16},
-        "model": {"encoder": {"type": "conv", "width": 8, "downsample": 4}, "quantizer": {"type": "identity", "dim": 8},
+        "model": {"encoder": {"type": "conv", "width": 8, "downsample": 4}, "quantizer": {"type": "identity", "code_dim": 8},
                   "decoder": {"type": "conv", "width": 8}, "text": {"width": 32, "depth": 1, "heads": 2, "context_length": 16}},
     })
     torch.manual_seed(1)
@@ -113,7 +113,7 @@ def test_vtok_teacher_uses_the_continuous_clip_path(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("activation", ["none", "siglu"])
 def test_table2_post_only_with_and_without_siglu_runs(vit_file, activation):
-    exp = tiny_exp(quantizer={"type": "gq", "n_groups": 2, "group_dim": 4})
+    exp = tiny_exp(quantizer={"type": "gq", "codes_per_token": 2, "code_dim": 4})
     spec = exp.model.model_copy(update={"encoder": exp.model.encoder.model_copy(update={"final_activation": activation})})
     torch.manual_seed(0)
     model = Tokenizer(spec, 16)

@@ -231,6 +231,6 @@ def test_discrete_path_equals_indices_path_and_continuous_baseline_has_one():
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     assert torch.equal(model.image_embed_discrete(x), model.image_embed_from_indices(model.encode(x)))
     cont = validate(tiny_experiment(**{"model.text": {"width": 32, "heads": 2, "depth": 1},
-                                       "model.quantizer": {"type": "identity", "dim": 8}}))
+                                       "model.quantizer": {"type": "identity", "code_dim": 8}}))
     model = Tokenizer(cont.model, 16).eval()
     assert torch.equal(model.discrete_latent(x), model(x)["zq"])
