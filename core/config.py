@@ -313,9 +313,9 @@ def check_cross_fields(exp: Any, reg: Registry) -> None:
     """Checks that span components (each names the path to change)."""
     m = exp.model
     qdim = m.quantizer.latent_dim
-    pre_out = getattr(m.pre_projector, "out", None) if m.pre_projector else None
+    pre_out = getattr(m.pre_projector, "out_dim", None) if m.pre_projector else None
     if pre_out is not None and pre_out != qdim:
-        raise ConfigError("model.pre_projector.out", f"{pre_out} does not equal the quantizer's input width {qdim} (model.quantizer)")
+        raise ConfigError("model.pre_projector.out_dim", f"{pre_out} does not equal the quantizer's input width {qdim} (model.quantizer)")
     enc_out = getattr(m.encoder, "out_dim", None)
     if m.pre_projector is None and enc_out is not None and enc_out != qdim:
         raise ConfigError("model.encoder.out_dim", f"{enc_out} does not equal the quantizer's input width {qdim}; set it to {qdim} or add a model.pre_projector")

@@ -161,7 +161,7 @@ class Decoder(Component, nn.Module):
 
 class ProjectorConfig(ComponentConfig):
     #: output width; None: whatever the next stage needs (the model assembly fills it in)
-    out: Optional[int] = Field(None, gt=0)
+    out_dim: Optional[int] = Field(None, gt=0)
 
 
 class Projector(Component, nn.Module):

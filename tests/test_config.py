@@ -47,8 +47,8 @@ def test_config_errors_name_the_path(overrides, path, words):
 
 def test_projector_width_mismatch():
     data = tiny_experiment()
-    data["model"]["pre_projector"] = {"type": "linear", "out": 16}
-    with pytest.raises(ConfigError, match=r"model.pre_projector.out: 16 does not equal the quantizer's input width 8"):
+    data["model"]["pre_projector"] = {"type": "linear", "out_dim": 16}
+    with pytest.raises(ConfigError, match=r"model.pre_projector.out_dim: 16 does not equal the quantizer's input width 8"):
         validate(data)
 
 

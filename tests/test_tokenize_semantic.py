@@ -28,7 +28,7 @@ def tiny_model(encoder=None, decoder=None, projectors=False, text=False, seed=0)
         m["decoder"] = decoder
     if projectors:
         m["pre_projector"] = {"type": "attention"}
-        m["post_projector"] = {"type": "attention", "out": 16}
+        m["post_projector"] = {"type": "attention", "out_dim": 16}
         m["encoder"]["out_dim"] = 16
     if text:
         m["text"] = TEXT
