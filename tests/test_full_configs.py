@@ -26,7 +26,8 @@ def weight_overrides(path: Path, tmp: Path) -> list[str]:
     for i, loss in enumerate(yaml.safe_load(path.read_text())["losses"]):
         kind = loss["type"]
         key = {"perceptual": "weights", "distill": "teacher.weights"}.get(kind)
-        if kind == "adversarial" and (loss.get("discriminator") or {}).get("type") == "dino":
+        disc = loss.get("discriminator")
+        if kind == "adversarial" and (disc == "dino" or isinstance(disc, dict) and disc.get("type") == "dino"):
             key = "discriminator.weights"
         if key:
             placeholder = tmp / f"{kind}.weights"

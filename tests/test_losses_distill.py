@@ -154,8 +154,8 @@ def test_open_clip_teacher_reads_local_file(tmp_path):
 
     import open_clip
 
-    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "depth": 1, "width": 32, "patch_size": 16, "head_width": 16},
-           "text_cfg": {"context_length": 8, "vocab_size": 100, "width": 16, "heads": 1, "depth": 1}}
+    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
+           "text_cfg": {"context_length": 8, "vocab_size": 100, "width": 16, "heads": 1, "layers": 1}}
     (tmp_path / "vtok-test-tiny.json").write_text(json.dumps(cfg))
     open_clip.add_model_config(tmp_path)  # a tiny architecture in open_clip's own config format
     torch.manual_seed(0)
