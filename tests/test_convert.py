@@ -217,7 +217,7 @@ def test_cli_writes_a_run_tokenize_and_teachers_accept(tmp_path, capsys):
     torch.testing.assert_close(model.quantizer.codebook[0], official["quantizer.codebooks.0.codebook.weight"])
     from plugins.losses.distill import TeacherConfig, build_teacher
 
-    teacher = build_teacher(TeacherConfig(path=str(out)))  # a distillation teacher: the CLIP image embedding
+    teacher = build_teacher(TeacherConfig(weights=str(out)))  # a distillation teacher: the CLIP image embedding
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     with torch.no_grad():
         want = model.clip_head(model.project_out(model.project_in(model.encoder(x)[0])))
