@@ -26,6 +26,35 @@ key            meaning
                keyed ``"<loss type>/<term>"``; losses run in ascending ``Loss.order``, so a
                later loss (adversarial, order 10) can read the reconstruction terms
 =============  =====================================================================
+
+Config vocabulary: one name per idea, in every plugin (a third-party plugin should use them too).
+A retired name in a config is an error naming its replacement (:data:`RETIRED`, per-class
+``renamed``), e.g. ``error: model.quantizer.n_codebooks: renamed to codes_per_token``.
+
+=========================  ===============================================================  ==========================================
+name                       meaning                                                          retired names
+=========================  ===============================================================  ==========================================
+``codes_per_token``        K, the number of codes a token is quantized to (sub-codebooks   ``n_codebooks`` (mcq), ``depth`` (rq),
+                           of mcq, residual stages of rq, bit groups of gq); the K of       ``n_groups`` (gq)
+                           ``indices (B, N, K)`` and ``Quantizer.codes_per_token``
+``code_dim``               width of ONE code (the latent is ``codes_per_token * code_dim``  ``group_dim`` (gq), ``dim`` (identity)
+                           wide, except rq whose stages all quantize the full width)
+``entropy_temperature``    T of an entropy loss's softmax ``softmax(-d(z, c) / T)``          ``inv_temperature`` (bsq: 1 / T),
+                           (a temperature, never its inverse)                               ``entropy_over_inv_temperature``
+``<term>_weight``          the weight of a quantizer's loss term ``<term>``, set ONLY in    ``commitment``; the ``quantizer`` loss's
+                           the quantizer's config (``commitment_weight``,                   ``terms``
+                           ``codebook_weight``, ``entropy_weight``)
+``out_dim``                output width of an encoder or a projector                        ``out`` (projectors)
+``depth``                  number of blocks of a stack (transformer blocks, PatchGAN        ``layers`` (``model.text``),
+                           stride-2 layers); ``<part>_depth`` for a sub-stack               ``n_layers`` (patchgan)
+``weights``                a local pretrained-weights file, in the config of the network    ``backbone_path`` (lpips), ``dino_weights``,
+                           it loads (no downloads here)                                     ``teacher.path``, ``inception_weights``
+``optimizer``              :class:`OptimizerConfig` (``lr``, ``betas``, ``eps``,            ``train.lr`` / ``betas`` / ``eps`` /
+                           ``weight_decay``): ``train.optimizer`` and a discriminator's     ``weight_decay``, ``d_lr`` / ``d_betas`` /
+                           ``optimizer`` (which adds its schedule and clip)                 ``d_eps`` / ``d_weight_decay`` / ``d_*``
+nested configs             a sub-network is its own config, selected by ``type`` where      ``dino_*`` -> ``discriminator.*``,
+                           there are several (``discriminator: {type: dino, ...}``)         ``ref_*`` -> ``reference.*`` (fd)
+=========================  ===============================================================  ==========================================
 """
 from __future__ import annotations
 
