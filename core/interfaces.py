@@ -55,6 +55,15 @@ name                       meaning                                              
 nested configs             a sub-network is its own config, selected by ``type`` where      ``dino_*`` -> ``discriminator.*``,
                            there are several (``discriminator: {type: dino, ...}``)         ``ref_*`` -> ``reference.*`` (fd)
 =========================  ===============================================================  ==========================================
+
+Why these names: ``codes_per_token`` is what a tokenizer user counts (the K of a token file, the
+``Quantizer`` attribute of the same name) and reads the same for sub-codebooks, residual stages and
+bit groups, where ``n_codebooks`` is wrong for a shared-codebook rq and ``depth`` is taken by the
+number of blocks. ``entropy_temperature`` because three of the four entropy-regularised quantizers
+(lfq / gq, vq / mcq; UniTok's ``e_temp``, Open-MAGVIT2's ``temperature``) state T; BSQ-ViT's
+``inv_temperature`` converts as T = 1 / inv_temperature (its operating point 1 stays 1). ``depth``
+is timm's and open_clip's vision name for a block count; ``weights`` is one word for every local
+file, wherever the network sits.
 """
 from __future__ import annotations
 
@@ -120,10 +129,6 @@ class OptimizerConfig(VocabModel):
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
     eps: float = Field(1e-6, gt=0)  # AdamW eps
     weight_decay: float = Field(0.02, ge=0)  # AdamW decoupled weight decay (not on 1-d parameters)
-
-    def adamw(self, params: Any) -> torch.optim.AdamW:
-        """AdamW over ``params`` (tensors or param groups) with these settings."""
-        return torch.optim.AdamW(params, lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay)
 
 
 class ComponentConfig(VocabModel):

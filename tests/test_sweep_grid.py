@@ -128,7 +128,7 @@ def test_error_is_rooted_at_the_most_specific_sweep_key(tmp_path):
     space = {"model.quantizer": {"rq": {"type": "rq", "codes_per_token": 2, "codebook_size": 8, "code_dim": 4}},
              "model.quantizer.codes_per_token": {"choices": [0], "when": {"model.quantizer": "rq"}}}
     path = write_tiny(tmp_path, **{"sweep.space": space})
-    with pytest.raises(ConfigError, match=r"^sweep\.space\.model\.quantizer\.depth: input should be greater than or equal to 1 \(got 0\) \(choice 0\)$"):
+    with pytest.raises(ConfigError, match=r"^sweep\.space\.model\.quantizer\.codes_per_token: input should be greater than or equal to 1 \(got 0\) \(choice 0\)$"):
         _check(path)
 
 
