@@ -53,7 +53,7 @@ class Case:
 
 CASES = [
     Case("mcq 8x2048x8 cosine", 64, [
-        Impl("vtok mcq", "vtok", {"type": "mcq", "n_codebooks": 8, "codebook_size": 2048, "code_dim": 8}),
+        Impl("vtok mcq", "vtok", {"type": "mcq", "codes_per_token": 8, "codebook_size": 2048, "code_dim": 8}),
         Impl("naive full N x K", "naive", {"fn": "vq", "n": 8, "k": 2048, "d": 8, "cosine": True}),
         Impl("vqp VectorQuantize heads=8", "vqp", {"cls": "VectorQuantize", "dim": 64, "codebook_size": 2048, "heads": 8,
                                                    "separate_codebook_per_head": True, "codebook_dim": 8, "use_cosine_sim": True}),
@@ -64,7 +64,7 @@ CASES = [
         Impl("vqp VectorQuantize", "vqp", {"cls": "VectorQuantize", "dim": 64, "codebook_size": 16384, "use_cosine_sim": True}),
     ]),
     Case("rq 4x1024x64", 64, [
-        Impl("vtok rq", "vtok", {"type": "rq", "depth": 4, "codebook_size": 1024, "code_dim": 64}),
+        Impl("vtok rq", "vtok", {"type": "rq", "codes_per_token": 4, "codebook_size": 1024, "code_dim": 64}),
         Impl("naive full N x K", "naive", {"fn": "rq", "depth": 4, "k": 1024, "d": 64}),
         Impl("vqp ResidualVQ", "vqp", {"cls": "ResidualVQ", "dim": 64, "num_quantizers": 4, "codebook_size": 1024}),
     ]),
@@ -83,8 +83,8 @@ CASES = [
         Impl("vqp LFQ", "vqp", {"cls": "LFQ", "dim": 18, "codebook_size": 2**18}, heavy=True),
     ]),
     Case("gq 16x8 (2^128)", 128, [
-        Impl("vtok gq pooled", "vtok", {"type": "gq", "n_groups": 16, "group_dim": 8}),
-        Impl("vtok gq summed", "vtok", {"type": "gq", "n_groups": 16, "group_dim": 8, "codebook_entropy": "summed"}),
+        Impl("vtok gq pooled", "vtok", {"type": "gq", "codes_per_token": 16, "code_dim": 8}),
+        Impl("vtok gq summed", "vtok", {"type": "gq", "codes_per_token": 16, "code_dim": 8, "codebook_entropy": "summed"}),
         Impl("naive N x g x 2^8 probs", "naive", {"fn": "gq", "g": 16, "d": 8}),
         Impl("vqp LFQ num_codebooks=16", "vqp", {"cls": "LFQ", "dim": 128, "codebook_size": 2**8, "num_codebooks": 16}),
     ]),

@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from core.errors import ConfigError
-from core.interfaces import ComponentConfig
+from core.interfaces import ComponentConfig, OptimizerConfig, VocabModel
 from core.plugins import SINGULAR, Registry, get_registry
 
 MAX_YAML_NODES = 200_000  # a YAML "billion laughs" document expands aliases exponentially
@@ -65,15 +65,15 @@ def yaml_load(text: str) -> Any:
     return yaml.load(text, Loader=Loader)  # noqa: S506 - Loader is a SafeLoader subclass
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+class Strict(VocabModel):
+    """Unknown keys are errors; retired names name their replacement (core.interfaces.RETIRED)."""
 
 
 class TextConfig(Strict):
     """The text tower (open_clip TextTransformer, trained from scratch) and the CLIP image head."""
 
     width: int = Field(256, gt=0)
-    layers: int = Field(4, gt=0)
+    depth: int = Field(4, gt=0, description="transformer blocks (open_clip's layers)")
     heads: int = Field(4, gt=0)
     context_length: int = Field(77, gt=0)
     embed_dim: Optional[int] = Field(None, gt=0, description="joint embedding width (default: width)")
@@ -85,10 +85,9 @@ class TrainConfig(Strict):
     steps: int = Field(1000, gt=0, description="optimizer steps; raising it on a finished run continues that run "
                        "(not in the run directory's hash; the schedule's horizon becomes the new total)")
     batch_size: int = Field(32, gt=0, description="global batch (split across ranks)")
-    lr: float = Field(5e-4, gt=0)
-    weight_decay: float = Field(0.02, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)  # each in [0, 1) (Adam's moment decays)
-    eps: float = Field(1e-6, gt=0)
+    renamed = {"lr": "optimizer.lr", "betas": "optimizer.betas", "eps": "optimizer.eps",
+               "weight_decay": "optimizer.weight_decay"}
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     warmup: float = Field(0.01, ge=0, description="warm-up length: a fraction of steps if < 1, else steps")
     schedule: Literal["cosine", "constant"] = "cosine"
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
@@ -106,13 +105,6 @@ class TrainConfig(Strict):
     on_nonfinite: Literal["skip", "stop"] = "stop"
     out_dir: str = "runs"
     progress: bool = True
-
-    @field_validator("betas")
-    @classmethod
-    def _betas_in_unit_interval(cls, v: tuple[float, float]) -> tuple[float, float]:
-        if not all(0 <= b < 1 for b in v):
-            raise ValueError(f"each of Adam's betas must lie in [0, 1), got {list(v)}")
-        return v
 
     @field_validator("device")
     @classmethod
@@ -404,7 +396,10 @@ def _format_validation_error(e: ValidationError, data: dict[str, Any]) -> Config
         else:
             node = None
     msg = err["msg"][0].lower() + err["msg"][1:]
-    if err["type"] == "extra_forbidden":
+    if err["type"] == "renamed":  # a retired field name (core.interfaces.RETIRED)
+        loc.append(err["ctx"]["old"])
+        msg = f"renamed to {err['ctx']['new']}"
+    elif err["type"] == "extra_forbidden":
         msg = "unknown key (extra inputs are not permitted)"
     elif "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], (dict, list)):
         msg += f" (got {err['input']!r})"
@@ -483,9 +478,9 @@ def check_cross_fields(exp: Any, reg: Registry) -> None:
     """Checks that span components (each names the path to change)."""
     m = exp.model
     qdim = m.quantizer.latent_dim
-    pre_out = getattr(m.pre_projector, "out", None) if m.pre_projector else None
+    pre_out = getattr(m.pre_projector, "out_dim", None) if m.pre_projector else None
     if pre_out is not None and pre_out != qdim:
-        raise ConfigError("model.pre_projector.out", f"{pre_out} does not equal the quantizer's input width {qdim} (model.quantizer)")
+        raise ConfigError("model.pre_projector.out_dim", f"{pre_out} does not equal the quantizer's input width {qdim} (model.quantizer)")
     enc_out = getattr(m.encoder, "out_dim", None)
     if m.pre_projector is None and enc_out is not None and enc_out != qdim:
         raise ConfigError("model.encoder.out_dim", f"{enc_out} does not equal the quantizer's input width {qdim}; set it to {qdim} or add a model.pre_projector")

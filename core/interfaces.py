@@ -26,6 +26,44 @@ key            meaning
                keyed ``"<loss type>/<term>"``; losses run in ascending ``Loss.order``, so a
                later loss (adversarial, order 10) can read the reconstruction terms
 =============  =====================================================================
+
+Config vocabulary: one name per idea, in every plugin (a third-party plugin should use them too).
+A retired name in a config is an error naming its replacement (:data:`RETIRED`, per-class
+``renamed``), e.g. ``error: model.quantizer.n_codebooks: renamed to codes_per_token``.
+
+=========================  ===============================================================  ==========================================
+name                       meaning                                                          retired names
+=========================  ===============================================================  ==========================================
+``codes_per_token``        K, the number of codes a token is quantized to (sub-codebooks   ``n_codebooks`` (mcq), ``depth`` (rq),
+                           of mcq, residual stages of rq, bit groups of gq); the K of       ``n_groups`` (gq)
+                           ``indices (B, N, K)`` and ``Quantizer.codes_per_token``
+``code_dim``               width of ONE code (the latent is ``codes_per_token * code_dim``  ``group_dim`` (gq), ``dim`` (identity)
+                           wide, except rq whose stages all quantize the full width)
+``entropy_temperature``    T of an entropy loss's softmax ``softmax(-d(z, c) / T)``          ``inv_temperature`` (bsq: 1 / T),
+                           (a temperature, never its inverse)                               ``entropy_over_inv_temperature``
+``<term>_weight``          the weight of a quantizer's loss term ``<term>``, set ONLY in    ``commitment``; the ``quantizer`` loss's
+                           the quantizer's config (``commitment_weight``,                   ``terms``
+                           ``codebook_weight``, ``entropy_weight``)
+``out_dim``                output width of an encoder or a projector                        ``out`` (projectors)
+``depth``                  number of blocks of a stack (transformer blocks, PatchGAN        ``layers`` (``model.text``),
+                           stride-2 layers); ``<part>_depth`` for a sub-stack               ``n_layers`` (patchgan)
+``weights``                a local pretrained-weights file, in the config of the network    ``backbone_path`` (lpips), ``dino_weights``,
+                           it loads (no downloads here)                                     ``teacher.path``, ``inception_weights``
+``optimizer``              :class:`OptimizerConfig` (``lr``, ``betas``, ``eps``,            ``train.lr`` / ``betas`` / ``eps`` /
+                           ``weight_decay``): ``train.optimizer`` and a discriminator's     ``weight_decay``, ``d_lr`` / ``d_betas`` /
+                           ``optimizer`` (which adds its schedule and clip)                 ``d_eps`` / ``d_weight_decay`` / ``d_*``
+nested configs             a sub-network is its own config, selected by ``type`` where      ``dino_*`` -> ``discriminator.*``,
+                           there are several (``discriminator: {type: dino, ...}``)         ``ref_*`` -> ``reference.*`` (fd)
+=========================  ===============================================================  ==========================================
+
+Why these names: ``codes_per_token`` is what a tokenizer user counts (the K of a token file, the
+``Quantizer`` attribute of the same name) and reads the same for sub-codebooks, residual stages and
+bit groups, where ``n_codebooks`` is wrong for a shared-codebook rq and ``depth`` is taken by the
+number of blocks. ``entropy_temperature`` because three of the four entropy-regularised quantizers
+(lfq / gq, vq / mcq; UniTok's ``e_temp``, Open-MAGVIT2's ``temperature``) state T; BSQ-ViT's
+``inv_temperature`` converts as T = 1 / inv_temperature (its operating point 1 stays 1). ``depth``
+is timm's and open_clip's vision name for a block count; ``weights`` is one word for every local
+file, wherever the network sits.
 """
 from __future__ import annotations
 
@@ -33,17 +71,79 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator, field_validator
+from pydantic_core import PydanticCustomError
 from torch import Tensor, nn
 
+#: Retired field names -> the name that replaced them (see the glossary above). A config that
+#: uses one of these keys (and does not declare it as a field) fails with ``<path>.<old>: renamed
+#: to <new>``. Names whose meaning depends on the plugin (``depth`` in ``rq``, ``dim``, ``path``,
+#: ``terms``, the ``d_*`` / ``dino_*`` / ``ref_*`` groups, ``train.lr``) are retired per class
+#: in ``renamed``.
+RETIRED: dict[str, str] = {
+    "n_codebooks": "codes_per_token",
+    "n_groups": "codes_per_token",
+    "group_dim": "code_dim",
+    "inv_temperature": "entropy_temperature (= 1 / inv_temperature)",
+    "entropy_over_inv_temperature": "entropy_scaled_by_temperature",
+    "out": "out_dim",
+    "layers": "depth",
+    "n_layers": "depth",
+    "backbone_path": "weights",
+    "inception_weights": "weights",
+    "dino_weights": "discriminator.weights",
+    "commitment": "commitment_weight",
+}
 
-class ComponentConfig(BaseModel):
+
+class VocabModel(BaseModel):
+    """Base of every config model: unknown keys are errors, and a retired name is an error naming
+    its replacement (:data:`RETIRED` plus the class's own ``renamed`` table)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    #: retired field name -> its replacement, for this class only (merged over :data:`RETIRED`)
+    renamed: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def retired_names(cls) -> dict[str, str]:
+        """Every retired name this class rejects (none of them is one of its fields)."""
+        table = {**RETIRED, **cls.renamed}
+        return {old: new for old, new in table.items() if old not in cls.model_fields}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_retired_names(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            table = cls.retired_names()
+            for key in data:
+                if key in table:
+                    raise PydanticCustomError("renamed", "renamed to {new}", {"old": key, "new": table[key]})
+        return data
+
+
+class OptimizerConfig(VocabModel):
+    """AdamW settings, one model for every optimizer a config describes (``train.optimizer`` and a
+    discriminator's ``optimizer``, which subclasses it with its own defaults)."""
+
+    lr: float = Field(5e-4, gt=0)  # learning rate (peak, after warm-up)
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
+    eps: float = Field(1e-6, gt=0)  # AdamW eps
+    weight_decay: float = Field(0.02, ge=0)  # AdamW decoupled weight decay (not on 1-d parameters)
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_unit_interval(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError(f"each of Adam's betas must lie in [0, 1), got {list(v)}")
+        return v
+
+
+class ComponentConfig(VocabModel):
     """Base of every plugin config: unknown keys are errors; ``type`` names the plugin.
 
     Subclasses narrow ``type`` to ``Literal["name"]`` so the registry can build discriminated unions.
     """
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
     type: str
 
 
@@ -102,7 +202,7 @@ class Decoder(Component, nn.Module):
 
 class ProjectorConfig(ComponentConfig):
     #: output width; None: whatever the next stage needs (the model assembly fills it in)
-    out: Optional[int] = Field(None, gt=0)
+    out_dim: Optional[int] = Field(None, gt=0)
 
 
 class Projector(Component, nn.Module):
@@ -177,8 +277,9 @@ class Quantizer(Component, nn.Module):
         raise NotImplementedError
 
     def loss_weights(self) -> dict[str, float]:
-        """The weight of each reported loss term in the source paper (e.g. commitment beta=0.25);
-        the ``quantizer`` loss plugin applies these unless its config overrides them."""
+        """The weight of each reported loss term, from the config's ``<term>_weight`` fields (defaults:
+        the source paper's, e.g. ``commitment_weight`` beta=0.25); the ``quantizer`` loss applies them
+        (the only place a quantizer term's weight is set)."""
         return {}
 
     def indices_to_codes(self, indices: Tensor) -> Tensor:  # pragma: no cover

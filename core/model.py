@@ -39,7 +39,7 @@ class TextTower(nn.Module):
         self.tokenizer = SimpleTokenizer(context_length=cfg.context_length)
         self.transformer = TextTransformer(
             context_length=cfg.context_length, vocab_size=self.tokenizer.vocab_size,
-            width=cfg.width, heads=cfg.heads, layers=cfg.layers, output_dim=embed_dim,
+            width=cfg.width, heads=cfg.heads, layers=cfg.depth, output_dim=embed_dim,
         )
 
     def tokenize(self, texts: list[str], device: torch.device) -> Tensor:
@@ -94,7 +94,7 @@ class Tokenizer(nn.Module):
             raise ConfigError("model.encoder.out_dim", f"{self.encoder.out_dim} does not equal the quantizer's input width {qdim}")
         self.quantizer = _build(reg, "quantizers", qcfg, "model.quantizer")
         if spec.post_projector is not None:
-            post_out = spec.post_projector.out or self.encoder.out_dim
+            post_out = spec.post_projector.out_dim or self.encoder.out_dim
             self.post_projector = _build(reg, "projectors", spec.post_projector, "model.post_projector", in_dim=qdim, out_dim=post_out)
         else:
             post_out, self.post_projector = qdim, None

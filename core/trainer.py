@@ -327,7 +327,8 @@ def train(exp: Any, reg: Registry | None = None, *, built: Built | None = None, 
 
     aux = [(i, list(loss.aux_parameters())) for i, loss in enumerate(losses)]
     aux_ids = {id(p) for _, ps in aux for p in ps}
-    opt = torch.optim.AdamW(param_groups([model, losses], aux_ids, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    o = cfg.optimizer
+    opt = torch.optim.AdamW(param_groups([model, losses], aux_ids, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps)
     aux_opts = {i: losses[i].aux_optimizer(ps) for i, ps in aux if ps}
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     # DDP must look for unused parameters only where some can be unused at a step: a text tower

@@ -40,7 +40,7 @@ def check_backbone_file(net: str, path: Optional[str]) -> None:
         from core.needs import missing
 
         missing(f"LPIPS {net} backbone weights",  # --dry-run lists it; a real run stops here
-                f"put torchvision's {BACKBONE_FILES[net]} there or set backbone_path (no download without internet)", at=f)
+                f"put torchvision's {BACKBONE_FILES[net]} there or set weights (no download without internet)", at=f)
 
 
 def _trunk_key(key: str) -> str:
@@ -87,9 +87,9 @@ class LpipsWeightsFields(BaseModel):
     """Config fields shared by the perceptual loss and the lpips evaluator (same weights rule)."""
 
     net: Backbone = "vgg"  # LPIPS trunk: vgg (UniTok) or alex
-    backbone_path: Optional[str] = None  # torchvision trunk weights; None: the torch hub cache file
+    weights: Optional[str] = None  # local file of the torchvision trunk weights; None: the torch hub cache file
 
     @model_validator(mode="after")
     def _weights_present(self):
-        check_backbone_file(self.net, self.backbone_path)
+        check_backbone_file(self.net, self.weights)
         return self

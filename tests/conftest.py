@@ -33,7 +33,7 @@ def tiny_experiment(**over) -> dict:
             "decoder": {"type": "conv", "width": 8},
         },
         "losses": [{"type": "pixel"}, {"type": "quantizer"}],
-        "train": {"steps": 6, "batch_size": 8, "lr": 1e-3, "eval_size": 16, "eval_batch_size": 8, "progress": False, "log_every": 2},
+        "train": {"steps": 6, "batch_size": 8, "optimizer": {"lr": 1e-3}, "eval_size": 16, "eval_batch_size": 8, "progress": False, "log_every": 2},
         "eval": [{"type": "psnr_ssim"}],
         "tracking": {"enabled": False},
     }

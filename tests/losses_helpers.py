@@ -21,7 +21,7 @@ def tiny_exp(losses: list[dict] | None = None, text: bool = False, quantizer: di
         "losses": losses or [{"type": "pixel"}],
     }
     if text:
-        data["model"]["text"] = {"width": 32, "layers": 1, "heads": 2, "context_length": 16}
+        data["model"]["text"] = {"width": 32, "depth": 1, "heads": 2, "context_length": 16}
     data.update(extra)
     return validate(data)
 

@@ -24,18 +24,18 @@ TINY = {
         "decoder": {"type": "conv", "width": 8, "channel_mult": [1, 1]},
     },
     "losses": [{"type": "pixel"}, {"type": "quantizer"}],
-    "train": {"steps": 3, "batch_size": 8, "eval_size": 16, "progress": False, "lr": 1.0e-3},
+    "train": {"steps": 3, "batch_size": 8, "eval_size": 16, "progress": False, "optimizer": {"lr": 1.0e-3}},
     "eval": [{"type": "psnr_ssim"}],
     "sweep": {
         "seeds": [0, 1],
         "space": {
             "model.quantizer": {
                 "vq16": {"type": "vq", "codebook_size": 16, "code_dim": 4},
-                "mcq2x8": {"type": "mcq", "n_codebooks": 2, "codebook_size": 8, "code_dim": 2},
-                "rq": {"type": "rq", "depth": 2, "codebook_size": 8, "code_dim": 4},
+                "mcq2x8": {"type": "mcq", "codes_per_token": 2, "codebook_size": 8, "code_dim": 2},
+                "rq": {"type": "rq", "codes_per_token": 2, "codebook_size": 8, "code_dim": 4},
             },
             # conditional: only the rq cells vary their depth -> 2 + 2 = 4 cells
-            "model.quantizer.depth": {"choices": [1, 2], "when": {"model.quantizer": "rq"}},
+            "model.quantizer.codes_per_token": {"choices": [1, 2], "when": {"model.quantizer": "rq"}},
         },
         "objective": {"metric": "psnr", "direction": "maximize"},
         "threads_per_worker": 1,

@@ -47,8 +47,8 @@ def covering_experiment(quantizer: dict, semantic: bool = True) -> dict:
     cfg["model"]["quantizer"] = quantizer
     cfg["losses"] = [{"type": "pixel"}, {"type": "quantizer"}]
     if semantic:
-        cfg["model"]["text"] = {"width": 32, "layers": 1, "heads": 2, "context_length": 16}
-        cfg["losses"] += [{"type": "contrastive"}, {"type": "adversarial", "width": 8, "n_layers": 1, "adaptive": False}]
+        cfg["model"]["text"] = {"width": 32, "depth": 1, "heads": 2, "context_length": 16}
+        cfg["losses"] += [{"type": "contrastive"}, {"type": "adversarial", "discriminator": {"type": "patchgan", "width": 8, "depth": 1}, "adaptive": False}]
     return cfg
 
 

@@ -14,9 +14,9 @@ from core.run import main
 
 
 def test_override_values_are_yaml():
-    data = apply_overrides({"train": {"lr": 1.0}, "losses": [{"type": "pixel"}]},
-                           ["train.lr=3e-4", "train.betas=[0.5, 0.9]", "losses.0.l1=0", "model.text={width: 64}"])
-    assert data["train"]["lr"] == 3e-4 and data["train"]["betas"] == [0.5, 0.9]
+    data = apply_overrides({"train": {"optimizer": {"lr": 1.0}}, "losses": [{"type": "pixel"}]},
+                           ["train.optimizer.lr=3e-4", "train.optimizer.betas=[0.5, 0.9]", "losses.0.l1=0", "model.text={width: 64}"])
+    assert data["train"]["optimizer"] == {"lr": 3e-4, "betas": [0.5, 0.9]}
     assert data["losses"][0]["l1"] == 0 and data["model"]["text"] == {"width": 64}
     assert parse_override("name=a:b")[1] == "a:b"
 
@@ -47,8 +47,8 @@ def test_config_errors_name_the_path(overrides, path, words):
 
 def test_projector_width_mismatch():
     data = tiny_experiment()
-    data["model"]["pre_projector"] = {"type": "linear", "out": 16}
-    with pytest.raises(ConfigError, match=r"model.pre_projector.out: 16 does not equal the quantizer's input width 8"):
+    data["model"]["pre_projector"] = {"type": "linear", "out_dim": 16}
+    with pytest.raises(ConfigError, match=r"model.pre_projector.out_dim: 16 does not equal the quantizer's input width 8"):
         validate(data)
 
 

@@ -31,11 +31,11 @@ MODEL = {
     "encoder": {"type": "hybrid", "downsample": 16, "width": C, "depth": L, "heads": HEADS, "conv_width": STEM,
                 "channel_mult": [s // STEM for s in STAGES], "conv_depth": CONV_DEPTH},
     "pre_projector": {"type": "attention"},
-    "quantizer": {"type": "mcq", "n_codebooks": N_CB, "codebook_size": K, "code_dim": V // N_CB},
+    "quantizer": {"type": "mcq", "codes_per_token": N_CB, "codebook_size": K, "code_dim": V // N_CB},
     "post_projector": {"type": "attention"},
     "decoder": {"type": "vitamin", "width": C, "depth": L, "heads": HEADS, "stage_widths": list(DEC_STAGES),
                 "stage_depths": list(DEC_DEPTHS)},
-    "text": {"width": TW, "layers": TL, "heads": 2, "context_length": CTX, "embed_dim": E},
+    "text": {"width": TW, "depth": TL, "heads": 2, "context_length": CTX, "embed_dim": E},
 }
 EXPERIMENT = {"name": "unitok_small", "data": {"type": "shapes", "image_size": 32}, "model": MODEL}
 
@@ -217,7 +217,7 @@ def test_cli_writes_a_run_tokenize_and_teachers_accept(tmp_path, capsys):
     torch.testing.assert_close(model.quantizer.codebook[0], official["quantizer.codebooks.0.codebook.weight"])
     from plugins.losses.distill import TeacherConfig, build_teacher
 
-    teacher = build_teacher(TeacherConfig(path=str(out)))  # a distillation teacher: the CLIP image embedding
+    teacher = build_teacher(TeacherConfig(weights=str(out)))  # a distillation teacher: the CLIP image embedding
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     with torch.no_grad():
         want = model.clip_head(model.project_out(model.project_in(model.encoder(x)[0])))

@@ -214,6 +214,6 @@ def test_webdataset_labels_train_the_fd_reference_network(tmp_path):
         def forward(self, x):
             return {"recon": x}
 
-    fd_cfg = FdConfig(extractor="reference", cache_dir=str(tmp_path / "cache"), ref_width=8, ref_steps=5, ref_batch_size=3)
+    fd_cfg = FdConfig(extractor="reference", cache_dir=str(tmp_path / "cache"), reference=dict(width=8, steps=5, batch_size=3))
     out = Fd(fd_cfg).evaluate(Identity(), torch.utils.data.DataLoader(ds, batch_size=4))
     assert set(out) == {"fd_refnet"} and abs(out["fd_refnet"]) < 1e-6

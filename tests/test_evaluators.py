@@ -196,7 +196,7 @@ def test_frechet_distance_closed_form():
 
 
 def _fd_cfg(tmp_path, **kw):
-    return FdConfig(extractor="reference", cache_dir=str(tmp_path), ref_width=8, ref_steps=3, ref_batch_size=16, **kw)
+    return FdConfig(extractor="reference", cache_dir=str(tmp_path), reference=dict(width=8, steps=3, batch_size=16), **kw)
 
 
 def test_fd_reference_zero_on_itself_monotone_in_noise_and_cached(tmp_path):
@@ -236,7 +236,7 @@ def test_fd_auto_without_inception_is_never_rfid(tmp_path, monkeypatch):
 
 
 def test_fd_inception_missing_weights_names_the_file(tmp_path):
-    cfg = FdConfig(extractor="inception", inception_weights=str(tmp_path / "missing.pth"))
+    cfg = FdConfig(extractor="inception", weights=str(tmp_path / "missing.pth"))
     with pytest.raises(ConfigError, match="missing.pth not found.*weights-inception-2015-12-05") as e:
         Fd(cfg).evaluate(HandModel(), loader(n=8))
     assert "\n" not in str(e.value)

@@ -24,7 +24,7 @@ def tiny_overrides(raw: dict, out: Path) -> list[str]:
     """2 steps, small eval, no tracking, one seed; the fd reference net trains 2 steps."""
     o = ["train.steps=2", "train.batch_size=8", "train.eval_size=32", "train.eval_batch_size=32",
          "train.eval_every=0", "tracking.enabled=false", f"train.out_dir={out / 'runs'}"]
-    o += [f"eval.{i}.ref_steps=2" for i, e in enumerate(raw.get("eval", [])) if e.get("type") == "fd"]
+    o += [f"eval.{i}.reference.steps=2" for i, e in enumerate(raw.get("eval", [])) if e.get("type") == "fd"]
     if "sweep" in raw:
         o += ["sweep.seeds=[0]", "sweep.workers=1", "sweep.threads_per_worker=1", f"sweep.storage={out / 'journal.log'}"]
         if raw["sweep"].get("sampler") == "tpe":

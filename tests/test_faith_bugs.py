@@ -47,9 +47,9 @@ def test_logit_scale_pushed_past_the_bound_is_clamped_and_comes_back(in_tmp):
     top = math.log(100)
     reg = build_registry()
     _add(reg, "losses", "tug", Tug, "tests", Loss)
-    cfg = tiny_experiment(**{"train.steps": 10, "train.lr": 0.05, "train.warmup": 0, "train.schedule": "constant",
-                             "train.betas": [0.5, 0.9], "train.log_every": 5})
-    cfg["model"]["text"] = {"width": 32, "layers": 1, "heads": 2, "context_length": 16, "init_logit_scale": top - 0.02}
+    cfg = tiny_experiment(**{"train.steps": 10, "train.optimizer.lr": 0.05, "train.warmup": 0, "train.schedule": "constant",
+                             "train.optimizer.betas": [0.5, 0.9], "train.log_every": 5})
+    cfg["model"]["text"] = {"width": 32, "depth": 1, "heads": 2, "context_length": 16, "init_logit_scale": top - 0.02}
     cfg["losses"] = [{"type": "pixel"}, {"type": "tug", "up_steps": 3}]
     exp = validate(cfg, reg)
     built = build(exp, reg)

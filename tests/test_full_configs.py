@@ -25,9 +25,10 @@ def weight_overrides(path: Path, tmp: Path) -> list[str]:
     out = []
     for i, loss in enumerate(yaml.safe_load(path.read_text())["losses"]):
         kind = loss["type"]
-        key = {"perceptual": "backbone_path", "distill": "teacher.path"}.get(kind)
-        if kind == "adversarial" and loss.get("discriminator") == "dino":
-            key = "dino_weights"
+        key = {"perceptual": "weights", "distill": "teacher.weights"}.get(kind)
+        disc = loss.get("discriminator")
+        if kind == "adversarial" and (disc == "dino" or isinstance(disc, dict) and disc.get("type") == "dino"):
+            key = "discriminator.weights"
         if key:
             placeholder = tmp / f"{kind}.weights"
             placeholder.touch()

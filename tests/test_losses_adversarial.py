@@ -15,7 +15,7 @@ from plugins.losses.pixel import PixelLoss
 
 def adv(**kw) -> AdversarialLoss:
     torch.manual_seed(0)
-    return AdversarialLoss(AdversarialLoss.Config(width=8, n_layers=2, **kw))
+    return AdversarialLoss(AdversarialLoss.Config(discriminator={"type": "patchgan", "width": 8, "depth": 2}, **kw))
 
 
 def test_hinge_hand_values():
@@ -141,7 +141,7 @@ def vit_file(tmp_path_factory):
 
 
 def test_dino_discriminator_loads_local_weights(vit_file):
-    cfg = dict(discriminator="dino", dino_model="test_vit", dino_weights=str(vit_file), dino_resolution=32, dino_layers=[1, 3])
+    cfg = dict(discriminator=dict(type="dino", model="test_vit", weights=str(vit_file), resolution=32, blocks=[1, 3]))
     tiny_exp(losses=[{"type": "adversarial", **cfg}])  # validates
     loss = AdversarialLoss(AdversarialLoss.Config(**cfg))
     ref = torch.load(vit_file, weights_only=True)
@@ -158,11 +158,11 @@ def test_dino_discriminator_loads_local_weights(vit_file):
 
 
 def test_dino_missing_weights_fail_at_validation(tmp_path):
-    with pytest.raises(ConfigError, match="needs dino_weights"):
+    with pytest.raises(ConfigError, match="needs discriminator.weights"):
         tiny_exp(losses=[{"type": "adversarial", "discriminator": "dino"}])
     missing = tmp_path / "dinov2_vits14.pth"
     with pytest.raises(ConfigError) as e:
-        tiny_exp(losses=[{"type": "adversarial", "discriminator": "dino", "dino_weights": str(missing)}])
+        tiny_exp(losses=[{"type": "adversarial", "discriminator": {"type": "dino", "weights": str(missing)}}])
     assert str(missing) in str(e.value) and "\n" not in str(e.value)
 
 

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def adv(**kw) -> AdversarialLoss:
     torch.manual_seed(0)
-    return AdversarialLoss(AdversarialLoss.Config(width=8, n_layers=2, **kw))
+    return AdversarialLoss(AdversarialLoss.Config(discriminator={"type": "patchgan", "width": 8, "depth": 2}, **kw))
 
 
 # ---- adaptive weight -------------------------------------------------------------------------------
@@ -52,20 +52,20 @@ def unitok_lr_multiplier(cur: float, warmup: float, max_iter: float, end: float 
 
 
 def test_d_lr_schedule_equals_unitok_disc_scheduler():
-    cfg = AdversarialLoss.Config(start_step=100, d_warmup_steps=30, d_schedule="cosine", d_decay_steps=1000)
+    cfg = AdversarialLoss.Config(start_step=100, optimizer=dict(warmup_steps=30, schedule="cosine", decay_steps=1000))
     assert A.d_lr_factor(99, cfg) == 0.0
     assert A.d_lr_factor(100, cfg) == 0.0 and A.d_lr_factor(115, cfg) == pytest.approx(0.5)
     assert A.d_lr_factor(130, cfg) == pytest.approx(1.0) and A.d_lr_factor(1099, cfg) == pytest.approx(0.1)
     for s in range(100, 1100, 7):  # main.py: disc_scheduler.step(global_iter - disc_start_iter)
         assert A.d_lr_factor(s, cfg) == pytest.approx(unitok_lr_multiplier(s - 100, 30, 1000), abs=1e-12)
-    const = AdversarialLoss.Config(start_step=10, d_warmup_steps=4)
+    const = AdversarialLoss.Config(start_step=10, optimizer=dict(warmup_steps=4))
     assert [A.d_lr_factor(s, const) for s in (9, 10, 12, 14, 500)] == [0.0, 0.0, 0.5, 1.0, 1.0]
-    with pytest.raises(ValueError, match="d_decay_steps"):
-        AdversarialLoss.Config(d_schedule="cosine", d_warmup_steps=10, d_decay_steps=5)
+    with pytest.raises(ValueError, match="decay_steps"):
+        AdversarialLoss.Config(optimizer=dict(schedule="cosine", warmup_steps=10, decay_steps=5))
 
 
 def test_d_optimizer_groups_and_before_aux_step():
-    loss = adv(start_step=0, d_warmup_steps=4, d_grad_clip=1.0)
+    loss = adv(start_step=0, optimizer=dict(warmup_steps=4, grad_clip=1.0))
     params = loss.aux_parameters()
     opt = loss.aux_optimizer(params)
     decay, no_decay = opt.param_groups
@@ -91,7 +91,8 @@ def test_trainer_applies_the_d_schedule_each_step(in_tmp, monkeypatch):
     monkeypatch.setattr(AdversarialLoss, "before_aux_step", record)
     cfg = tiny_experiment(**{"train.steps": 5, "train.ckpt_every": 100})
     cfg["losses"] = [{"type": "pixel"}, {"type": "quantizer"},
-                     {"type": "adversarial", "width": 8, "n_layers": 2, "start_step": 2, "d_warmup_steps": 2, "d_lr": 1e-3}]
+                     {"type": "adversarial", "discriminator": {"type": "patchgan", "width": 8, "depth": 2}, "start_step": 2,
+                      "optimizer": {"warmup_steps": 2, "lr": 1e-3}}]
     from core.trainer import train
 
     train(validate(cfg))
@@ -183,8 +184,8 @@ def to_unitok_keys(sd: dict) -> dict:
 
 def test_dino_conv_heads_equal_unitok_layout(vit_file):
     layers = [0, 2, 5]
-    loss = AdversarialLoss(AdversarialLoss.Config(discriminator="dino", dino_model="test_vit", dino_weights=str(vit_file),
-                                                  dino_resolution=32, dino_layers=layers))
+    loss = AdversarialLoss(AdversarialLoss.Config(discriminator=dict(type="dino", model="test_vit", weights=str(vit_file),
+                                                                     resolution=32, blocks=layers)))
     D = loss.discriminator
     with torch.no_grad():  # non-trivial GroupNorm affine parameters
         for p in D.heads.parameters():
@@ -209,8 +210,8 @@ def test_dino_conv_heads_equal_unitok_layout(vit_file):
     ref = torch.cat([unitok_head(a, sd, f"heads.{j}.", 9) for j, a in enumerate(acts)], dim=1)
     assert got.shape == (2, 3 * 4) and torch.allclose(got, ref, atol=1e-5)
     # init as UniTok's init_weights(disc, -0.5): conv weights xavier-normal with gain 0.5, zero biases
-    w = AdversarialLoss(AdversarialLoss.Config(discriminator="dino", dino_model="test_vit", dino_weights=str(vit_file),
-                                               dino_resolution=32, dino_layers=[0])).discriminator.heads[0].res[0]
+    w = AdversarialLoss(AdversarialLoss.Config(discriminator=dict(type="dino", model="test_vit", weights=str(vit_file),
+                                                                  resolution=32, blocks=[0]))).discriminator.heads[0].res[0]
     assert w.bias.abs().sum() == 0
     assert w.weight.std().item() == pytest.approx(0.5 * math.sqrt(2 / (C * 9 + C * 9)), rel=0.05)
 
@@ -235,9 +236,11 @@ def test_dino_input_crop_or_area():
 
 def test_defaults_follow_unitok():
     cfg = AdversarialLoss.Config()
-    assert cfg.dino_layers == [0, 2, 5, 8, 11] and cfg.dino_head == "conv" and cfg.dino_kernel_size == 9
-    assert cfg.dino_class_token and cfg.dino_resolution == 252 == 256 // 14 * 14
-    assert (cfg.d_weight_decay, cfg.d_eps, cfg.d_grad_clip, cfg.cutout_ratio) == (0.2, 1e-6, 10.0, 0.2)
+    dino = A.DinoConfig.model_construct()  # defaults without the (required) weights file
+    assert dino.blocks == [0, 2, 5, 8, 11] and dino.head == "conv" and dino.kernel_size == 9
+    assert dino.class_token and dino.resolution == 252 == 256 // 14 * 14
+    o = cfg.optimizer
+    assert (o.weight_decay, o.eps, o.grad_clip, cfg.cutout_ratio) == (0.2, 1e-6, 10.0, 0.2)
     assert cfg.bcr_policies == ["translation", "color", "cutout"] and not cfg.bcr_on_diffaug
 
 
@@ -250,11 +253,11 @@ def test_full_config_gan_section_is_the_official_recipe(tmp_path):
     steps = exp.train.steps
     start, warm = 0.375 * steps, 0.03 * steps  # utils/config.py: disc_start_ep 0.375, disc_warmup_ep 0.03
     assert gan.type == "adversarial" and gan.start_step == int(start) and gan.warmup_steps == round(warm)
-    assert gan.blur_fade_steps == round(2 * warm) and gan.d_warmup_steps == round(warm)
-    assert gan.d_schedule == "cosine" and gan.d_decay_steps == round(steps - start) and gan.d_min_lr_ratio == 0.1
+    assert gan.blur_fade_steps == round(2 * warm) and gan.optimizer.warmup_steps == round(warm)
+    assert gan.optimizer.schedule == "cosine" and gan.optimizer.decay_steps == round(steps - start) and gan.optimizer.min_lr_ratio == 0.1
     assert gan.bcr == 4.0 and gan.diffaug == ["translation", "color", "cutout"] and gan.cutout_ratio == 0.2
-    assert gan.d_weight_decay == 0.2 and gan.adaptive_eps == 1e-6 and gan.weight == 0.4
-    assert gan.dino_layers == [0, 2, 5, 8, 11] and gan.dino_resolution == 252 and gan.dino_head == "conv"
+    assert gan.optimizer.weight_decay == 0.2 and gan.adaptive_eps == 1e-6 and gan.weight == 0.4
+    assert gan.discriminator.blocks == [0, 2, 5, 8, 11] and gan.discriminator.resolution == 252 and gan.discriminator.head == "conv"
     # the generator's adversarial weight: 0 before the start, then 0.4 x (s - start + 1) / 1831 up to 0.4
     # (UniTok: 0.4 x (s - start) / (0.03 x steps); one step apart)
     from types import SimpleNamespace
@@ -264,5 +267,5 @@ def test_full_config_gan_section_is_the_official_recipe(tmp_path):
 
 
 def test_cosine_without_horizon_is_a_config_error():
-    with pytest.raises(ConfigError, match="d_decay_steps"):
-        validate(tiny_experiment(losses=[{"type": "adversarial", "d_schedule": "cosine"}]))
+    with pytest.raises(ConfigError, match=r"^losses\.0\.optimizer: value error, schedule cosine needs decay_steps"):
+        validate(tiny_experiment(losses=[{"type": "adversarial", "optimizer": {"schedule": "cosine"}}]))

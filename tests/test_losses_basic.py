@@ -29,10 +29,11 @@ def test_schedule_start_and_warmup():
     assert [loss.schedule(s) for s in (0, 9, 10, 11, 13, 100)] == [0.0, 0.0, 0.5, 1.0, 2.0, 2.0]
 
 
-def test_quantizer_weights_from_quantizer_then_overrides():
+def test_quantizer_weights_come_from_the_quantizer_config():
     model = tiny_model()
-    assert QuantizerLoss(QuantizerLoss.Config(), model=model).term_weights() == model.quantizer.loss_weights()
-    w = QuantizerLoss(QuantizerLoss.Config(terms={"commitment": 0.5}), model=model).term_weights()
+    assert QuantizerLoss(QuantizerLoss.Config(), model=model).term_weights() == {"commitment": 0.25, "codebook": 1.0}
+    q = {"type": "vq", "codebook_size": 32, "code_dim": 8, "commitment_weight": 0.5}
+    w = QuantizerLoss(QuantizerLoss.Config(), model=tiny_model(quantizer=q)).term_weights()
     assert w["commitment"] == 0.5
     assert w["codebook"] == model.quantizer.loss_weights()["codebook"]
     out = model(images())

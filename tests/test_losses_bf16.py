@@ -20,10 +20,10 @@ def test_all_loss_terms_finite_under_bf16_autocast(tmp_path):
     torch.save(timm.create_model("test_vit", pretrained=False, num_classes=0).state_dict(), vit)
     cfgs = {
         "pixel": {}, "quantizer": {"ramp_steps": 10},
-        "perceptual": {"net": "alex", "backbone_path": str(alex)},
-        "adversarial": {"width": 8, "n_layers": 2, "diffaug": ["color", "translation", "cutout"], "lecam": 0.1},
+        "perceptual": {"net": "alex", "weights": str(alex)},
+        "adversarial": {"discriminator": {"type": "patchgan", "width": 8, "depth": 2}, "diffaug": ["color", "translation", "cutout"], "lecam": 0.1},
         "contrastive": {},
-        "distill": {"teacher": {"kind": "timm", "name": "test_vit", "path": str(vit), "image_size": 32}},
+        "distill": {"teacher": {"kind": "timm", "name": "test_vit", "weights": str(vit), "image_size": 32}},
         "prior": {"width": 16, "depth": 1, "heads": 2},
     }
     reg = get_registry()

@@ -29,7 +29,7 @@ def vit_file(tmp_path_factory):
 
 
 def timm_teacher(path, **kw):
-    return {"teacher": {"kind": "timm", "name": "test_vit", "path": str(path)}, **kw}
+    return {"teacher": {"kind": "timm", "name": "test_vit", "weights": str(path)}, **kw}
 
 
 class MeanColour(torch.nn.Module):
@@ -42,7 +42,7 @@ class MeanColour(torch.nn.Module):
 def test_linear_heads_cosine_terms_by_hand(tmp_path):
     model = tiny_model()
     t = Teacher(lambda n, x: n(x), MeanColour(), None)
-    cfg = DistillLoss.Config(teacher={"kind": "timm", "name": "x", "path": str(_touch(tmp_path))}, head="linear", eta=0.5)
+    cfg = DistillLoss.Config(teacher={"kind": "timm", "name": "x", "weights": str(_touch(tmp_path))}, head="linear", eta=0.5)
     loss = DistillLoss(cfg, model=model, teacher=t)
     x = images(3)
     out = model(x)
@@ -88,23 +88,23 @@ def test_missing_teacher_fails_at_validation(tmp_path):
         tiny_exp(losses=[{"type": "distill", **timm_teacher(missing)}])
     assert str(missing) in str(e.value) and str(e.value).startswith("losses.0.teacher") and "\n" not in str(e.value)
     with pytest.raises(ConfigError, match="teacher run not found"):
-        tiny_exp(losses=[{"type": "distill", "teacher": {"kind": "vtok", "path": str(tmp_path / "runs" / "clip")}}])
+        tiny_exp(losses=[{"type": "distill", "teacher": {"kind": "vtok", "weights": str(tmp_path / "runs" / "clip")}}])
     with pytest.raises(ConfigError, match="needs a model name"):
-        tiny_exp(losses=[{"type": "distill", "teacher": {"kind": "open_clip", "path": str(missing)}}])
+        tiny_exp(losses=[{"type": "distill", "teacher": {"kind": "open_clip", "weights": str(missing)}}])
 
 
 def test_vtok_teacher_uses_the_continuous_clip_path(tmp_path, monkeypatch):
     exp = validate({
         "data": {"type": "shapes", "image_size": 16},
-        "model": {"encoder": {"type": "conv", "width": 8, "downsample": 4}, "quantizer": {"type": "identity", "dim": 8},
-                  "decoder": {"type": "conv", "width": 8}, "text": {"width": 32, "layers": 1, "heads": 2, "context_length": 16}},
+        "model": {"encoder": {"type": "conv", "width": 8, "downsample": 4}, "quantizer": {"type": "identity", "code_dim": 8},
+                  "decoder": {"type": "conv", "width": 8}, "text": {"width": 32, "depth": 1, "heads": 2, "context_length": 16}},
     })
     torch.manual_seed(1)
     teacher = Tokenizer(exp.model, 16).eval()
     fake = types.ModuleType("core.checkpoint")
     fake.load_for_inference = lambda path: (exp, teacher)
     monkeypatch.setitem(sys.modules, "core.checkpoint", fake)
-    loss = DistillLoss(DistillLoss.Config(teacher={"kind": "vtok", "path": str(tmp_path)}), model=tiny_model())
+    loss = DistillLoss(DistillLoss.Config(teacher={"kind": "vtok", "weights": str(tmp_path)}), model=tiny_model())
     x = images(2)
     with torch.no_grad():
         ref = teacher(x)["image_embed"]  # identity quantizer: the forward's embedding is the continuous one
@@ -113,7 +113,7 @@ def test_vtok_teacher_uses_the_continuous_clip_path(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("activation", ["none", "siglu"])
 def test_table2_post_only_with_and_without_siglu_runs(vit_file, activation):
-    exp = tiny_exp(quantizer={"type": "gq", "n_groups": 2, "group_dim": 4})
+    exp = tiny_exp(quantizer={"type": "gq", "codes_per_token": 2, "code_dim": 4})
     spec = exp.model.model_copy(update={"encoder": exp.model.encoder.model_copy(update={"final_activation": activation})})
     torch.manual_seed(0)
     model = Tokenizer(spec, 16)
@@ -161,7 +161,7 @@ def test_open_clip_teacher_reads_local_file(tmp_path):
     torch.manual_seed(0)
     net = open_clip.create_model("vtok-test-tiny").eval()
     torch.save(net.state_dict(), tmp_path / "w.pt")
-    loss = DistillLoss(DistillLoss.Config(teacher={"kind": "open_clip", "name": "vtok-test-tiny", "path": str(tmp_path / "w.pt")}),
+    loss = DistillLoss(DistillLoss.Config(teacher={"kind": "open_clip", "name": "vtok-test-tiny", "weights": str(tmp_path / "w.pt")}),
                        model=tiny_model())
     x = images(2)
     x32 = F.interpolate(x, size=(32, 32), mode="bicubic", align_corners=False)

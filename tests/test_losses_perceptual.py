@@ -48,7 +48,7 @@ def reference_lpips(sd, lins, x, y):
 
 def test_perceptual_loads_local_file_and_matches_hand_lpips(alex_file):
     path, sd = alex_file
-    loss = PerceptualLoss(PerceptualLoss.Config(net="alex", backbone_path=str(path)))
+    loss = PerceptualLoss(PerceptualLoss.Config(net="alex", weights=str(path)))
     assert torch.equal(loss.net.net.slice1[0].weight, sd["features.0.weight"])
     x, y = images(2, 64, seed=1), images(2, 64, seed=2)
     got = loss({}, {"images": x, "recon": y}, 0)["lpips"]
@@ -60,7 +60,7 @@ def test_perceptual_loads_local_file_and_matches_hand_lpips(alex_file):
 
 
 def test_perceptual_gradient_reaches_reconstruction(alex_file):
-    loss = PerceptualLoss(PerceptualLoss.Config(net="alex", backbone_path=str(alex_file[0])))
+    loss = PerceptualLoss(PerceptualLoss.Config(net="alex", weights=str(alex_file[0])))
     y = images(2, 32, seed=3).requires_grad_()
     loss({}, {"images": images(2, 32), "recon": y}, 0)["lpips"].backward()
     assert y.grad.abs().sum() > 0
@@ -69,7 +69,7 @@ def test_perceptual_gradient_reaches_reconstruction(alex_file):
 def test_perceptual_missing_file_fails_at_validation(tmp_path):
     missing = tmp_path / "nowhere" / "vgg16.pth"
     with pytest.raises(ConfigError) as e:
-        tiny_exp(losses=[{"type": "perceptual", "backbone_path": str(missing)}])
+        tiny_exp(losses=[{"type": "perceptual", "weights": str(missing)}])
     msg = str(e.value)
     assert "\n" not in msg and str(missing) in msg and msg.startswith("losses.0")
 
@@ -86,13 +86,13 @@ def test_default_path_is_the_torch_cache_file(tmp_path, monkeypatch):
 def test_lpips_evaluator_same_rule(alex_file, tmp_path):
     path, _ = alex_file
     with pytest.raises(ConfigError, match="backbone weights not found"):
-        tiny_exp(eval=[{"type": "lpips", "net": "alex", "backbone_path": str(tmp_path / "x.pth")}])
-    ev = Lpips(Lpips.Config(net="alex", backbone_path=str(path)))
+        tiny_exp(eval=[{"type": "lpips", "net": "alex", "weights": str(tmp_path / "x.pth")}])
+    ev = Lpips(Lpips.Config(net="alex", weights=str(path)))
     model = tiny_model().eval()
     x = images(4)
     loader = [{"image": x[:2]}, {"image": x[2:]}]
     with torch.no_grad():
         got = ev.evaluate(model, loader)
         y = model(x)["recon"].clamp(-1, 1)
-        ref = PerceptualLoss(PerceptualLoss.Config(net="alex", backbone_path=str(path)))({}, {"images": x, "recon": y}, 0)["lpips"]
+        ref = PerceptualLoss(PerceptualLoss.Config(net="alex", weights=str(path)))({}, {"images": x, "recon": y}, 0)["lpips"]
     assert set(got) == {"lpips_alex"} and got["lpips_alex"] == pytest.approx(ref.item(), rel=1e-5)

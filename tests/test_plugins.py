@@ -112,11 +112,11 @@ from core.interfaces import Quantizer, QuantizerConfig, QuantizerOutput
 
 class RoundConfig(QuantizerConfig):
     type: Literal["round3p"] = "round3p"
-    dim: int = 8
+    code_dim: int = 8
 
     @property
     def latent_dim(self):
-        return self.dim
+        return self.code_dim
 
 
 class Round(Quantizer):
@@ -126,9 +126,9 @@ class Round(Quantizer):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
-        self.codes_per_token = cfg.dim
-        self.codebook_sizes = [3] * cfg.dim
-        self.bits_per_token = cfg.dim * 1.585
+        self.codes_per_token = cfg.code_dim
+        self.codebook_sizes = [3] * cfg.code_dim
+        self.bits_per_token = cfg.code_dim * 1.585
 
     def quantize(self, z):
         t = torch.tanh(z)
@@ -164,7 +164,7 @@ def test_third_party_plugin_trains_without_core_edits(tmp_path):
     from conftest import tiny_experiment
 
     cfg = tiny_experiment()
-    cfg["model"]["quantizer"] = {"type": "round3p", "dim": 8}
+    cfg["model"]["quantizer"] = {"type": "round3p", "code_dim": 8}
     cfg["losses"] = [{"type": "pixel"}]
     exp.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)])}

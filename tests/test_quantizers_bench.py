@@ -28,7 +28,7 @@ def test_naive_reference_matches_plugin_indices():
     torch.manual_seed(0)
     ref = bench._naive({"fn": "vq", "n": 2, "k": 32, "d": 4, "cosine": True})
     cb = ref.codebook
-    q = MCQ(MCQConfig(n_codebooks=2, codebook_size=32, code_dim=4))
+    q = MCQ(MCQConfig(codes_per_token=2, codebook_size=32, code_dim=4))
     q.codebook.data = cb.detach().clone()
     z = torch.randn(2, 5, 8)
     assert torch.allclose(ref(z)[0], q(z).quantized, atol=1e-6)

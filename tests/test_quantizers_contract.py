@@ -15,10 +15,10 @@ from core.plugins import get_registry
 # small configs so the contract runs in milliseconds
 SMALL = {
     "vq": {"codebook_size": 16, "code_dim": 8},
-    "mcq": {"n_codebooks": 2, "codebook_size": 16, "code_dim": 4},
-    "rq": {"depth": 3, "codebook_size": 16, "code_dim": 8},
+    "mcq": {"codes_per_token": 2, "codebook_size": 16, "code_dim": 4},
+    "rq": {"codes_per_token": 3, "codebook_size": 16, "code_dim": 8},
     "lfq": {"code_dim": 8},
-    "gq": {"n_groups": 2, "group_dim": 4},
+    "gq": {"codes_per_token": 2, "code_dim": 4},
     "bsq": {"code_dim": 8, "entropy_group_size": 4},
     "fsq": {"levels": [5, 4, 3]},
 }

@@ -50,7 +50,7 @@ def test_blocked_argmax_equals_argmax_with_ties():
 
 @pytest.mark.parametrize("distance", ["cosine", "euclidean"])
 def test_vq_assignment_equals_brute_force(distance):
-    q = MCQ(MCQConfig(n_codebooks=2, codebook_size=64, code_dim=4, distance=distance, search_budget=100))
+    q = MCQ(MCQConfig(codes_per_token=2, codebook_size=64, code_dim=4, distance=distance, search_budget=100))
     q.codebook.data = randn(2, 64, 4, seed=3)
     z = randn(5, 7, 8, seed=4)
     idx = q(z).indices.reshape(-1, 2)
@@ -105,7 +105,7 @@ def test_mcq_with_one_codebook_equals_vq(distance):
     torch.manual_seed(0)
     vq = VQ(VQConfig(codebook_size=32, code_dim=6, distance=distance))
     torch.manual_seed(0)
-    mcq = MCQ(MCQConfig(n_codebooks=1, codebook_size=32, code_dim=6, distance=distance))
+    mcq = MCQ(MCQConfig(codes_per_token=1, codebook_size=32, code_dim=6, distance=distance))
     z = randn(3, 5, 6)
     a, b = vq(z), mcq(z)
     assert torch.equal(a.quantized, b.quantized) and torch.equal(a.indices, b.indices)
@@ -151,7 +151,7 @@ def test_dead_codes_restart_from_batch_vectors():
 
 def test_rq_error_non_increasing_with_depth():
     torch.manual_seed(0)
-    q = RQ(RQConfig(depth=6, codebook_size=8, code_dim=4, kmeans_init=True))
+    q = RQ(RQConfig(codes_per_token=6, codebook_size=8, code_dim=4, kmeans_init=True))
     z = randn(4, 64, 4, seed=8)
     q(z)  # k-means init of each stage on its residuals
     q.eval()
@@ -165,7 +165,7 @@ def test_rq_error_non_increasing_with_depth():
 
 @pytest.mark.parametrize("order", ["little", "big"])
 @pytest.mark.parametrize("make", [lambda o: LFQ(LFQConfig(code_dim=5, bit_order=o)),
-                                  lambda o: GQ(GQConfig(n_groups=1, group_dim=5, bit_order=o)),
+                                  lambda o: GQ(GQConfig(codes_per_token=1, code_dim=5, bit_order=o)),
                                   lambda o: BSQ(BSQConfig(code_dim=5, bit_order=o, codebook_entropy="exact"))])
 def test_binary_index_code_bijection(make, order):
     q = make(order).eval()
@@ -211,7 +211,7 @@ def test_grouped_codebook_entropy_equals_brute_marginals():
 @pytest.mark.parametrize("mode", ["per_group", "pooled"])
 def test_gq_equals_independent_lfqs(mode):
     g, dg, T = 3, 4, 0.3
-    gq = GQ(GQConfig(n_groups=g, group_dim=dg, entropy_temperature=T, codebook_entropy=mode))
+    gq = GQ(GQConfig(codes_per_token=g, code_dim=dg, entropy_temperature=T, codebook_entropy=mode))
     lfq = LFQ(LFQConfig(code_dim=dg, entropy_temperature=T))
     z = randn(2, 10, g * dg, seed=11)
     out = gq(z)
@@ -230,8 +230,8 @@ def test_gq_equals_independent_lfqs(mode):
 
 def test_bsq_unit_norm_and_entropies_brute_force():
     d, inv_t = 6, 3.0
-    q = BSQ(BSQConfig(code_dim=d, inv_temperature=inv_t, entropy_group_size=2))
-    qe = BSQ(BSQConfig(code_dim=d, inv_temperature=inv_t, codebook_entropy="exact"))
+    q = BSQ(BSQConfig(code_dim=d, entropy_temperature=1 / inv_t, entropy_group_size=2))
+    qe = BSQ(BSQConfig(code_dim=d, entropy_temperature=1 / inv_t, codebook_entropy="exact"))
     z = randn(1, 30, d, seed=12)
     out, oute = q(z), qe(z)
     assert torch.allclose(out.quantized.norm(dim=-1), torch.ones(1, 30))

@@ -54,7 +54,7 @@ def unitok_entropy_loss(features: torch.Tensor, weights: list[torch.Tensor], tem
 @pytest.mark.parametrize("temp", [0.01, 0.2])
 def test_mcq_entropy_loss_equals_unitok_get_entropy_loss(temp):
     torch.manual_seed(0)
-    q = MCQ(MCQConfig(n_codebooks=3, codebook_size=16, code_dim=4, entropy_weight=0.5, entropy_temperature=temp))
+    q = MCQ(MCQConfig(codes_per_token=3, codebook_size=16, code_dim=4, entropy_weight=0.5, entropy_temperature=temp))
     q.codebook.data = randn(3, 16, 4, seed=1)
     z = randn(2, 5, 12, seed=2).requires_grad_(True)
     out = q(z)
@@ -82,7 +82,7 @@ def test_mcq_entropy_hand_value_two_codes():
 
 
 def test_mcq_entropy_off_by_default():
-    q = MCQ(MCQConfig(n_codebooks=2, codebook_size=8, code_dim=4))
+    q = MCQ(MCQConfig(codes_per_token=2, codebook_size=8, code_dim=4))
     assert "entropy" not in q(randn(1, 3, 8)).losses and "entropy" not in q.loss_weights()
 
 
@@ -116,8 +116,8 @@ def bsq_vit_reference(z: torch.Tensor, d: int, group: int, beta: float, zeta: fl
 @pytest.mark.parametrize("group,inv_t,analytical", [(3, 1.0, False), (6, 1.0, True), (2, 4.0, False), (1, 2.5, True)])
 def test_bsq_equals_bsq_vit_forward_and_gradients(group, inv_t, analytical):
     d, beta, zeta = 6, 0.25, 0.1
-    over = {} if inv_t == 1.0 else {"inv_temperature": inv_t}
-    q = BSQ(BSQConfig(code_dim=d, entropy_group_size=group, commitment=beta, entropy_weight=zeta, **over))
+    over = {} if inv_t == 1.0 else {"entropy_temperature": 1 / inv_t}  # vtok states T, BSQ-ViT 1 / T
+    q = BSQ(BSQConfig(code_dim=d, entropy_group_size=group, commitment_weight=beta, entropy_weight=zeta, **over))
     z = randn(2, 15, d, seed=3).requires_grad_(True)
     g = randn(2, 15, d, seed=4)
     out = q(z)
@@ -135,23 +135,23 @@ def test_bsq_equals_bsq_vit_forward_and_gradients(group, inv_t, analytical):
 def test_bsq_defaults_are_bsq_vit_and_options_give_the_old_behaviour():
     d = 4
     cfg = BSQConfig(code_dim=d, entropy_group_size=2)
-    assert (cfg.inv_temperature, cfg.straight_through, cfg.commitment_reduction, cfg.entropy_over_inv_temperature) == \
+    assert (cfg.entropy_temperature, cfg.straight_through, cfg.commitment_reduction, cfg.entropy_scaled_by_temperature) == \
         (1.0, "scaled", "sum", True)
     z = randn(1, 8, d, seed=5).requires_grad_(True)
     u = F.normalize(z.detach(), dim=-1)
     q_codes = torch.where(u > 0, 0.5, -0.5)
     new = BSQ(cfg)(z)
-    old = BSQ(BSQConfig(code_dim=d, entropy_group_size=2, inv_temperature=1.0, straight_through="identity",
-                        commitment_reduction="mean", entropy_over_inv_temperature=False))(z)
+    old = BSQ(BSQConfig(code_dim=d, entropy_group_size=2, entropy_temperature=1.0, straight_through="identity",
+                        commitment_reduction="mean", entropy_scaled_by_temperature=False))(z)
     assert new.losses["commitment"].item() == pytest.approx((q_codes - u).pow(2).sum(-1).mean().item(), rel=1e-6)
     assert old.losses["commitment"].item() == pytest.approx(new.losses["commitment"].item() / d, rel=1e-6)
     # straight-through: gradient 1/sqrt(d) = 1/2 of the identity one, on the normalised latent
     (g_new,) = torch.autograd.grad(new.quantized.sum(), z)
     (g_old,) = torch.autograd.grad(old.quantized.sum(), z)
     assert torch.allclose(g_new, g_old / 2, atol=1e-7) and g_old.abs().sum() > 0
-    # the entropy term is divided by the inverse temperature
-    a = BSQ(BSQConfig(code_dim=d, entropy_group_size=2, inv_temperature=5.0))(z)
-    b = BSQ(BSQConfig(code_dim=d, entropy_group_size=2, inv_temperature=5.0, entropy_over_inv_temperature=False))(z)
+    # the entropy term is divided by the inverse temperature (BSQ-ViT's 5 = 1 / T)
+    a = BSQ(BSQConfig(code_dim=d, entropy_group_size=2, entropy_temperature=1 / 5.0))(z)
+    b = BSQ(BSQConfig(code_dim=d, entropy_group_size=2, entropy_temperature=1 / 5.0, entropy_scaled_by_temperature=False))(z)
     assert a.losses["entropy"].item() == pytest.approx(b.losses["entropy"].item() / 5, rel=1e-6)
 
 
@@ -171,9 +171,9 @@ def test_quantizers_experiment_runs_bsq_at_the_released_operating_point():
 
     raw = yaml.safe_load((Path(__file__).resolve().parent.parent / "experiments" / "quantizers.yaml").read_text())
     bsq = BSQConfig(**raw["sweep"]["space"]["model.quantizer"]["bsq"])
-    assert (bsq.inv_temperature, bsq.straight_through, bsq.commitment_reduction, bsq.entropy_over_inv_temperature) == \
+    assert (bsq.entropy_temperature, bsq.straight_through, bsq.commitment_reduction, bsq.entropy_scaled_by_temperature) == \
         (1.0, "scaled", "sum", True)
-    assert bsq.entropy_weight == 0.1 and bsq.commitment == 0.0
+    assert bsq.entropy_weight == 0.1 and bsq.commitment_weight == 0.0
 
 
 # ---- item 16: Open-MAGVIT2 / WeTok's log(p + 1e-5) and the entropy-only ramp ----------------------------
@@ -206,7 +206,7 @@ def test_lfq_log_eps_equals_open_magvit2_entropy_loss():
 
 def test_gq_pooled_log_eps_equals_wetok_gfq():
     g, dg, T = 3, 4, 0.05
-    q = GQ(GQConfig(n_groups=g, group_dim=dg, entropy_temperature=T, codebook_entropy_log_eps=1e-5))
+    q = GQ(GQConfig(codes_per_token=g, code_dim=dg, entropy_temperature=T, codebook_entropy_log_eps=1e-5))
     z = randn(2, 4, g * dg, seed=8) * 2
     # WeTok GFQ.forward: x -> (b, n, c, d), logits 2 x . codebook over each group's 2^d' codes
     logits = 2 * torch.einsum("bncd,jd->bncj", z.reshape(2, 4, g, dg), corners(dg))
@@ -240,8 +240,8 @@ def test_entropy_only_ramp_equals_codebook_enlarge():
 def test_gq_modes_share_the_per_sample_term_and_scale():
     g, dg, T = 4, 3, 0.5
     z = randn(3, 5, g * dg, seed=10)
-    pooled = GQ(GQConfig(n_groups=g, group_dim=dg, entropy_temperature=T))(z)
-    per = GQ(GQConfig(n_groups=g, group_dim=dg, entropy_temperature=T, codebook_entropy="per_group"))(z)
+    pooled = GQ(GQConfig(codes_per_token=g, code_dim=dg, entropy_temperature=T))(z)
+    per = GQ(GQConfig(codes_per_token=g, code_dim=dg, entropy_temperature=T, codebook_entropy="per_group"))(z)
     assert pooled.metrics["sample_entropy"] == per.metrics["sample_entropy"]
     # both H_cb per group code, within [0, d' ln 2]; pooled >= mean of the per-group ones (concavity)
     for out in (pooled, per):
@@ -255,5 +255,5 @@ def test_gq_summed_is_rejected_in_configs():
     with pytest.raises(ConfigError):
         validate({"name": "t", "data": {"type": "shapes", "image_size": 16},
                   "model": {"encoder": {"type": "conv", "width": 8, "downsample": 4},
-                            "quantizer": {"type": "gq", "n_groups": 2, "group_dim": 4, "codebook_entropy": "summed"},
+                            "quantizer": {"type": "gq", "codes_per_token": 2, "code_dim": 4, "codebook_entropy": "summed"},
                             "decoder": {"type": "conv", "width": 8}}})

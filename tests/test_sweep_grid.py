@@ -26,7 +26,7 @@ def test_plan_enumerates_conditional_grid_exactly(tmp_path, capsys):
     assert sweep.main(str(path), raw, exp, dry_run=True) == 0
     out = capsys.readouterr().out
     assert "4 cells x 2 seeds = 8 runs" in out
-    assert "rq/2: model.quantizer=rq, model.quantizer.depth=2" in out
+    assert "rq/2: model.quantizer=rq, model.quantizer.codes_per_token=2" in out
     assert not (tmp_path / "journal.log").exists()  # a dry run writes nothing
 
 
@@ -37,12 +37,12 @@ def _space_with(**extra):
 
 
 @pytest.mark.parametrize("space, sweep_changes, expected", [
-    ({"model.quantizer": {"a": {"type": "mcq", "n_codebooks": 2, "codebook_size": 8, "code_dimm": 2}}}, {},
+    ({"model.quantizer": {"a": {"type": "mcq", "codes_per_token": 2, "codebook_size": 8, "code_dimm": 2}}}, {},
      "sweep.space.model.quantizer.a.code_dimm: unknown key"),
     ({"model.quantizer": {"a": {"type": "vqq"}}}, {}, "sweep.space.model.quantizer.a.type: unknown quantizer 'vqq'"),
-    (_space_with(**{"model.quantizer.depth": {"choices": [1], "when": {"model.quantizer": "b"}}}), {},
-     "sweep.space.model.quantizer.depth.when.model.quantizer: no choice 'b'"),
-    (_space_with(**{"train.lr": {"low": 1e-4, "high": 1e-2}}), {}, "sweep.space.train.lr: a range in a grid needs a step"),
+    (_space_with(**{"model.quantizer.codes_per_token": {"choices": [1], "when": {"model.quantizer": "b"}}}), {},
+     "sweep.space.model.quantizer.codes_per_token.when.model.quantizer: no choice 'b'"),
+    (_space_with(**{"train.optimizer.lr": {"low": 1e-4, "high": 1e-2}}), {}, "sweep.space.train.optimizer.lr: a range in a grid needs a step"),
     (_space_with(**{"train.lrr": [1, 2]}), {}, "sweep.space.train.lrr: unknown key"),
     (_space_with(**{"variant": {"x": {"train.steps": 0}}}), {}, "sweep.space.variant.x.train.steps: input should be greater than 0"),
     (_space_with(), {"sampler": "tpe"}, "sweep.n_trials: required with sampler tpe"),
@@ -121,10 +121,10 @@ def test_failing_cell_is_recorded_and_the_others_finish(tmp_path):
 
 
 def test_error_is_rooted_at_the_most_specific_sweep_key(tmp_path):
-    space = {"model.quantizer": {"rq": {"type": "rq", "depth": 2, "codebook_size": 8, "code_dim": 4}},
-             "model.quantizer.depth": {"choices": [0], "when": {"model.quantizer": "rq"}}}
+    space = {"model.quantizer": {"rq": {"type": "rq", "codes_per_token": 2, "codebook_size": 8, "code_dim": 4}},
+             "model.quantizer.codes_per_token": {"choices": [0], "when": {"model.quantizer": "rq"}}}
     path = write_tiny(tmp_path, **{"sweep.space": space})
-    with pytest.raises(ConfigError, match=r"^sweep\.space\.model\.quantizer\.depth: input should be greater than or equal to 1 \(got 0\) \(choice 0\)$"):
+    with pytest.raises(ConfigError, match=r"^sweep\.space\.model\.quantizer\.codes_per_token: input should be greater than or equal to 1 \(got 0\) \(choice 0\)$"):
         _check(path)
 
 

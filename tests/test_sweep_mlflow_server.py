@@ -47,7 +47,7 @@ def test_mlflow_server_serves_parent_and_children_with_params_and_metrics(tmp_pa
     if not mlflow_bin.is_file() and shutil.which("mlflow") is None:
         pytest.skip("the mlflow command is not installed")
     space = {"model.quantizer": {"vq16": {"type": "vq", "codebook_size": 16, "code_dim": 4},
-                                 "mcq2x8": {"type": "mcq", "n_codebooks": 2, "codebook_size": 8, "code_dim": 2}}}
+                                 "mcq2x8": {"type": "mcq", "codes_per_token": 2, "codebook_size": 8, "code_dim": 2}}}
     path = write_tiny(tmp_path, **{"sweep.space": space, "train.steps": 2})
     assert run_sweep(path) == 0
 

@@ -12,7 +12,7 @@ import pytest
 from sweep_helpers import cli, write_tiny
 
 SPACE = {"model.quantizer": {"vq16": {"type": "vq", "codebook_size": 16, "code_dim": 4},
-                             "mcq2x8": {"type": "mcq", "n_codebooks": 2, "codebook_size": 8, "code_dim": 2}}}
+                             "mcq2x8": {"type": "mcq", "codes_per_token": 2, "codebook_size": 8, "code_dim": 2}}}
 
 
 def _checkpoints(tmp_path: Path) -> dict[Path, list[str]]:

@@ -14,7 +14,7 @@ from sweep_helpers import free_port, write_tiny
 from core import report, run
 
 TWO_CELLS = {"model.quantizer": {"vq16": {"type": "vq", "codebook_size": 16, "code_dim": 4},
-                                 "mcq2x8": {"type": "mcq", "n_codebooks": 2, "codebook_size": 8, "code_dim": 2}}}
+                                 "mcq2x8": {"type": "mcq", "codes_per_token": 2, "codebook_size": 8, "code_dim": 2}}}
 
 
 def tiny(tmp_path: Path, **changes) -> Path:
@@ -63,10 +63,10 @@ def test_a_named_study_refuses_another_config_naming_the_keys(tmp_path, capsys):
     path = tiny(tmp_path, **{"sweep.study_name": "mine", "sweep.seeds": [0]})
     assert run.main([str(path)]) == 0
     capsys.readouterr()
-    assert run.main([str(path), "train.steps=3", "train.lr=0.002"]) == 2
+    assert run.main([str(path), "train.steps=3", "train.optimizer.lr=0.002"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: sweep.study_name: study 'mine'") and len(err.splitlines()) == 1
-    assert "train.lr: 0.001 -> 0.002" in err and "train.steps: 2 -> 3" in err and "sweep.study_name" in err
+    assert "train.optimizer.lr: 0.001 -> 0.002" in err and "train.steps: 2 -> 3" in err and "sweep.study_name" in err
     assert [len(ts) for ts in studies(tmp_path).values()] == [2]  # nothing added
 
 
@@ -79,17 +79,17 @@ def test_seeds_and_cells_can_be_added_to_a_study(tmp_path, capsys):
     assert sorted(t.state.name for t in trials) == ["COMPLETE"] * 4
     assert run.main([str(path), "sweep.seeds=[0]"]) == 0  # the original command still works
     assert "1 of 1" not in capsys.readouterr().err
-    three = {**TWO_CELLS["model.quantizer"], "rq": {"type": "rq", "depth": 2, "codebook_size": 8, "code_dim": 4}}
+    three = {**TWO_CELLS["model.quantizer"], "rq": {"type": "rq", "codes_per_token": 2, "codebook_size": 8, "code_dim": 4}}
     tiny(tmp_path, **{"sweep.space": {"model.quantizer": three}})  # the file gains a cell
     assert run.main([str(path), "sweep.seeds=[0,1]"]) == 0
     assert "4 of 6 runs done or under way, 2 to run" in capsys.readouterr().err
     assert sorted(t.state.name for ts in studies(tmp_path).values() for t in ts) == ["COMPLETE"] * 6
     # the same cell name with another definition would mix results: refused, naming the key
-    changed = {**three, "rq": {"type": "rq", "depth": 3, "codebook_size": 8, "code_dim": 4}}
+    changed = {**three, "rq": {"type": "rq", "codes_per_token": 3, "codebook_size": 8, "code_dim": 4}}
     tiny(tmp_path, **{"sweep.space": {"model.quantizer": changed}})
     assert run.main([str(path)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: sweep.space: cell 'rq' of study") and "model.quantizer.depth: 2 -> 3" in err
+    assert err.startswith("error: sweep.space: cell 'rq' of study") and "model.quantizer.codes_per_token: 2 -> 3" in err
 
 
 def test_a_crash_leaves_nothing_running_or_waiting(tmp_path, monkeypatch, capsys):
@@ -150,7 +150,7 @@ def test_bad_storage_is_one_error_line_and_leaves_nothing(tmp_path, capsys, case
 
 
 def test_grid_too_large_to_list_is_refused_by_counting(tmp_path, capsys):
-    space = {**TWO_CELLS, "train.lr": {"low": 1.0e-4, "high": 1.0e-2, "step": 1.0e-12},
+    space = {**TWO_CELLS, "train.optimizer.lr": {"low": 1.0e-4, "high": 1.0e-2, "step": 1.0e-12},
              "train.warmup": {"low": 0.0, "high": 0.5, "step": 1.0e-9}}  # 1e10 x 5e8 cells: listing them exhausts memory
     path = tiny(tmp_path, **{"sweep.space": space})
     assert run.main([str(path)]) == 2
@@ -166,7 +166,7 @@ def test_cell_count_is_exact_with_conditions():
 
     sw = parse_sweep(TINY["sweep"])
     assert count_points(sw) == len(grid_points(sw)) == 4
-    sw = parse_sweep({**TINY["sweep"], "space": {**TINY["sweep"]["space"], "train.lr": {"low": 0.001, "high": 0.003, "step": 0.001}}})
+    sw = parse_sweep({**TINY["sweep"], "space": {**TINY["sweep"]["space"], "train.optimizer.lr": {"low": 0.001, "high": 0.003, "step": 0.001}}})
     assert count_points(sw) == len(grid_points(sw)) == 12
 
 

@@ -8,7 +8,7 @@ from sweep_helpers import load, run_sweep, trials, write_tiny
 
 from core import report, sweep
 
-SPACE = {"train.lr": {"low": 1.0e-4, "high": 1.0e-2, "log": True},
+SPACE = {"train.optimizer.lr": {"low": 1.0e-4, "high": 1.0e-2, "log": True},
          "model.quantizer.codebook_size": {"low": 8, "high": 32, "integer": True, "step": 8}}
 
 
@@ -23,7 +23,7 @@ def test_tpe_runs_its_budget_once_and_values_are_seed_means(tmp_path):
     done = [t for t in trials(path) if t.state == "COMPLETE"]
     assert len(done) == 3
     for t in done:
-        assert 1e-4 <= t.params["train.lr"] <= 1e-2 and t.params["model.quantizer.codebook_size"] in (8, 16, 24, 32)
+        assert 1e-4 <= t.params["train.optimizer.lr"] <= 1e-2 and t.params["model.quantizer.codebook_size"] in (8, 16, 24, 32)
         assert t.record.choices == t.params
         per_seed = t.record.metrics
         assert sorted(per_seed) == [0, 1]
@@ -58,7 +58,7 @@ def test_pruned_trial_is_recorded_pruned_from_a_periodic_evaluation(tmp_path):
 def test_tpe_checks_both_ends_of_every_range_before_running(tmp_path):
     from core.errors import ConfigError
 
-    path = tpe_file(tmp_path, **{"sweep.space": {"train.lr": {"low": 1.0e-4, "high": 1.0e-2, "log": True},
+    path = tpe_file(tmp_path, **{"sweep.space": {"train.optimizer.lr": {"low": 1.0e-4, "high": 1.0e-2, "log": True},
                                                  "train.warmup": {"low": 0.0, "high": -1.0}}})
     with pytest.raises(ConfigError, match=r"sweep\.space\.train\.warmup: high -1.0 is below low 0.0"):
         load(path)  # the sweep is validated with the rest of the experiment, every cell with it

@@ -16,7 +16,7 @@ from core.errors import ConfigError
 from core.model import Tokenizer
 from conftest import tiny_experiment
 
-TEXT = {"width": 32, "layers": 1, "heads": 2, "context_length": 16, "embed_dim": 24}
+TEXT = {"width": 32, "depth": 1, "heads": 2, "context_length": 16, "embed_dim": 24}
 
 
 def tiny_model(encoder=None, decoder=None, projectors=False, text=False, seed=0) -> Tokenizer:
@@ -28,7 +28,7 @@ def tiny_model(encoder=None, decoder=None, projectors=False, text=False, seed=0)
         m["decoder"] = decoder
     if projectors:
         m["pre_projector"] = {"type": "attention"}
-        m["post_projector"] = {"type": "attention", "out": 16}
+        m["post_projector"] = {"type": "attention", "out_dim": 16}
         m["encoder"]["out_dim"] = 16
     if text:
         m["text"] = TEXT
@@ -117,7 +117,7 @@ def test_logit_scale_clamped():
 def test_text_heads_must_divide_width():
     with pytest.raises(ConfigError, match="model.text"):
         exp = tiny_experiment()
-        exp["model"]["text"] = {"width": 30, "layers": 1, "heads": 4}
+        exp["model"]["text"] = {"width": 30, "depth": 1, "heads": 4}
         spec = validate(exp)
         Tokenizer(spec.model, spec.data.image_size)
 
@@ -226,11 +226,11 @@ def test_discrete_path_equals_indices_path_and_continuous_baseline_has_one():
     from core.model import Tokenizer
     from conftest import tiny_experiment
 
-    exp = validate(tiny_experiment(**{"model.text": {"width": 32, "heads": 2, "layers": 1}}))
+    exp = validate(tiny_experiment(**{"model.text": {"width": 32, "heads": 2, "depth": 1}}))
     model = Tokenizer(exp.model, 16).eval()
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     assert torch.equal(model.image_embed_discrete(x), model.image_embed_from_indices(model.encode(x)))
-    cont = validate(tiny_experiment(**{"model.text": {"width": 32, "heads": 2, "layers": 1},
-                                       "model.quantizer": {"type": "identity", "dim": 8}}))
+    cont = validate(tiny_experiment(**{"model.text": {"width": 32, "heads": 2, "depth": 1},
+                                       "model.quantizer": {"type": "identity", "code_dim": 8}}))
     model = Tokenizer(cont.model, 16).eval()
     assert torch.equal(model.discrete_latent(x), model(x)["zq"])

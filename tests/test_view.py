@@ -53,7 +53,7 @@ def test_single_run_in_mlflow_named_tagged_with_plain_params_and_counts(in_tmp, 
     assert run.data.tags["vtok.overrides"].split() == ["train.steps=2", "train.eval_size=16", "train.progress=false",
                                                        "data.train_size=64", "model.quantizer.codebook_size=32"]
     p = run.data.params
-    assert p["train.progress"] == "false" and p["model.text"] == "null" and p["train.betas"] == "[0.9, 0.95]"
+    assert p["train.progress"] == "false" and p["model.text"] == "null" and p["train.optimizer.betas"] == "[0.9, 0.95]"
     assert not any(v in ("None", "False", "True") for v in p.values())
     assert int(p["n_params.encoder"]) > 0 and int(p["n_params.total"]) >= int(p["n_params.encoder"])
     assert not any(k.startswith("params/") for k in run.data.metrics)
@@ -113,7 +113,7 @@ def test_figures_logged_at_every_evaluation(in_tmp):
     from core.trainer import train
 
     exp = validate(tiny_experiment(**{"tracking.enabled": True, "train.steps": 4, "train.eval_every": 2,
-                                      "model.quantizer": {"type": "mcq", "n_codebooks": 2, "codebook_size": 8, "code_dim": 4}}))
+                                      "model.quantizer": {"type": "mcq", "codes_per_token": 2, "codebook_size": 8, "code_dim": 4}}))
     result = train(exp)
     client = MlflowClient(resolve_uri(None))
     recon = sorted(a.path for a in client.list_artifacts(result.run_id, "reconstructions"))
@@ -131,7 +131,7 @@ def test_code_counts_match_a_brute_force_count():
     from core.figures import code_counts, used_pct
     from core.trainer import build, eval_loader
 
-    exp = validate(tiny_experiment(**{"model.quantizer": {"type": "mcq", "n_codebooks": 2, "codebook_size": 8, "code_dim": 4}}))
+    exp = validate(tiny_experiment(**{"model.quantizer": {"type": "mcq", "codes_per_token": 2, "codebook_size": 8, "code_dim": 4}}))
     built = build(exp)
     loader = eval_loader(built.eval_set, exp.train)
     counts = code_counts(built.model, loader)

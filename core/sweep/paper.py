@@ -12,10 +12,11 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from core.errors import ConfigError
+from core.interfaces import VocabModel
 from core.stats import ALPHA
 
 
-class Strict(BaseModel):
+class Strict(VocabModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 

@@ -19,6 +19,7 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from core.errors import ConfigError
+from core.interfaces import VocabModel
 
 DEFAULT_STORAGE = "optuna_journal.log"
 VARIANT = "variant"  # reserved space key: named bundles of dotted overrides
@@ -31,7 +32,7 @@ MAX_RUNS = 100_000  # cells x seeds a grid may have: more is a typo (a tiny step
 # ------------------------------------------------------------------------------------------------
 
 
-class Strict(BaseModel):
+class Strict(VocabModel):
     model_config = ConfigDict(extra="forbid")
 
 

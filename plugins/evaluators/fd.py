@@ -6,7 +6,7 @@ al. 2017, Eq. 6), computed with torch-fidelity's statistics functions.
 ``rfid``: torch-fidelity's Inception-v3 (the 2015-12-05 TensorFlow weights converted to PyTorch,
 file ``weights-inception-2015-12-05-6726825d.pth``), 2048-d pool features of uint8 images resized
 inside to 299 px, as UniTok reports it. The weights are never downloaded: they are read from
-``inception_weights``, else ``$VTOK_INCEPTION_WEIGHTS``, else the cache dir, else torch hub's
+``weights``, else ``$VTOK_INCEPTION_WEIGHTS``, else the cache dir, else torch hub's
 checkpoint dir (where torch-fidelity would have put them).
 
 ``fd_refnet``: when no Inception weights are available (``extractor: auto``) or asked for
@@ -29,24 +29,31 @@ from torch import Tensor, nn
 
 from core.errors import ConfigError
 from core.hookspecs import hookimpl
-from core.interfaces import ComponentConfig, Evaluator
+from core.interfaces import ComponentConfig, Evaluator, VocabModel
 from plugins.evaluators._common import base_dataset, device_of, no_autocast
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 REFNET_VERSION = 1  # bump when RefNet or its training changes: invalidates cached networks
 
 
+class RefNetConfig(VocabModel):
+    """The reference CNN of ``fd_refnet`` and its training (once per dataset, cached)."""
+
+    width: int = Field(16, gt=0)  # channels of the first stage (x2, x4, x4 after)
+    image_size: int = Field(32, ge=8)  # images are resized to this side
+    steps: int = Field(200, gt=0)  # Adam steps training it
+    batch_size: int = Field(64, gt=0)  # its batch size
+    lr: float = Field(2e-3, gt=0)  # its learning rate
+
+
 class FdConfig(ComponentConfig):
     type: Literal["fd"] = "fd"
     # auto: rfid when Inception weights are found, else fd_refnet; inception: rfid or fail; reference: fd_refnet
     extractor: Literal["auto", "inception", "reference"] = "auto"
-    inception_weights: Optional[str] = None  # path of weights-inception-2015-12-05-6726825d.pth
+    renamed = {f"ref_{k}": f"reference.{k}" for k in ("width", "image_size", "steps", "batch_size", "lr")}
+    weights: Optional[str] = None  # local Inception-v3 file weights-inception-2015-12-05-6726825d.pth
     cache_dir: Optional[str] = None  # default: $VTOK_CACHE or ./.vtok_cache
-    ref_width: int = Field(16, gt=0)  # reference CNN channels of the first stage (x2, x4, x4 after)
-    ref_image_size: int = Field(32, ge=8)  # images are resized to this side for the reference CNN
-    ref_steps: int = Field(200, gt=0)  # Adam steps training the reference CNN (once per dataset)
-    ref_batch_size: int = Field(64, gt=0)  # its batch size
-    ref_lr: float = Field(2e-3, gt=0)  # its learning rate
+    reference: RefNetConfig = Field(default_factory=RefNetConfig)  # the fd_refnet extractor
 
 
 def cache_dir(cfg: FdConfig) -> Path:
@@ -69,8 +76,8 @@ def to_uint8(images: Tensor) -> Tensor:
 # ---- Inception --------------------------------------------------------------------------------
 
 def find_inception_weights(cfg: FdConfig) -> Optional[Path]:
-    if cfg.inception_weights:
-        return Path(cfg.inception_weights)
+    if cfg.weights:
+        return Path(cfg.weights)
     cands = [os.environ.get("VTOK_INCEPTION_WEIGHTS"), cache_dir(cfg) / INCEPTION_FILE,
              Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE]
     return next((Path(c) for c in cands if c and Path(c).is_file()), None)
@@ -80,7 +87,7 @@ def inception(path: Path) -> nn.Module:
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     if not path.is_file():
-        raise ConfigError("eval.fd.inception_weights", f"{path} not found: rfid needs torch-fidelity's Inception-v3 "
+        raise ConfigError("eval.fd.weights", f"{path} not found: rfid needs torch-fidelity's Inception-v3 "
                           f"weights file {INCEPTION_FILE} (no download here)")
     return FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path))
 
@@ -112,7 +119,7 @@ class RefNet(nn.Module):
 
 def refnet_key(ds, cfg: FdConfig) -> str:
     spec = {"data": ds.cfg.model_dump(mode="json"), "seed": ds.seed, "version": REFNET_VERSION,
-            **{k: getattr(cfg, k) for k in ("ref_width", "ref_image_size", "ref_steps", "ref_batch_size", "ref_lr")}}
+            **{f"ref_{k}": v for k, v in cfg.reference.model_dump().items()}}  # the old flat names: caches stay valid
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -133,13 +140,14 @@ def _train_batches(ds, batch_size: int, seed: int):
 def train_refnet(ds, cfg: FdConfig) -> RefNet:
     if not ds.class_names:
         raise ConfigError("eval.fd", f"the reference extractor trains on class labels and data '{ds.cfg.type}' has none; "
-                          f"give Inception weights (eval.fd.inception_weights) instead")
+                          f"give Inception weights (eval.fd.weights) instead")
     torch.manual_seed(0)
-    net = RefNet(cfg.ref_width, len(ds.class_names), cfg.ref_image_size)
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.ref_lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.ref_steps)
-    batches = _train_batches(ds, cfg.ref_batch_size, seed=0)
-    for _ in range(cfg.ref_steps):
+    ref = cfg.reference
+    net = RefNet(ref.width, len(ds.class_names), ref.image_size)
+    opt = torch.optim.Adam(net.parameters(), lr=ref.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, ref.steps)
+    batches = _train_batches(ds, ref.batch_size, seed=0)
+    for _ in range(ref.steps):
         batch = next(batches)
         labels = torch.as_tensor(batch["label"])
         keep = labels >= 0
@@ -158,7 +166,7 @@ def load_or_train_refnet(ds, cfg: FdConfig) -> RefNet:
 
     path = cache_dir(cfg) / "fd_reference" / f"{ds.cfg.type}-{refnet_key(ds, cfg)}.safetensors"
     if path.is_file():
-        net = RefNet(cfg.ref_width, len(ds.class_names), cfg.ref_image_size)
+        net = RefNet(cfg.reference.width, len(ds.class_names), cfg.reference.image_size)
         net.load_state_dict(load_file(str(path)))
         return net.eval()
     with torch.enable_grad(), no_autocast(torch.device("cpu")):  # evaluators run under no_grad (and maybe autocast)

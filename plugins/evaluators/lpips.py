@@ -21,7 +21,7 @@ class Lpips(Evaluator):
 
     def __init__(self, cfg: LpipsConfig) -> None:
         super().__init__(cfg)
-        self.net = build_lpips(cfg.net, cfg.backbone_path)
+        self.net = build_lpips(cfg.net, cfg.weights)
 
     @torch.no_grad()
     def evaluate(self, model, loader) -> dict[str, float]:

@@ -7,8 +7,10 @@
   named in ``adaptive_from`` already computed this step (``outputs["loss_terms"]``). The loss weight
   (UniTok: 0.4), start step and warm-up ramp (UniTok: 3% of training) come from the common
   schedule; D trains from ``start_step`` on.
-- Discriminators: ``patchgan`` (VQGAN's N-layer PatchGAN) or ``dino`` (UniTok: frozen DINOv2-S
-  features from timm, weights read from a local file, with trainable per-level token heads).
+- Discriminators (``discriminator: {type: ...}``): ``patchgan`` (VQGAN's N-layer PatchGAN) or ``dino``
+  (UniTok: frozen DINOv2-S features from timm, weights read from a local file, with trainable
+  per-level token heads).
+- ``optimizer``: D's AdamW settings (the same fields as ``train.optimizer``) plus its schedule and clip.
 - Optional DiffAugment (Zhao et al. 2020; colour, translation, cutout) on both real and fake inputs,
   a Gaussian blur of D's inputs that fades out after ``start_step``, LeCAM regularisation (Tseng
   et al. 2021) against EMAs of D's outputs, and bCR (UniTok: 4.0).
@@ -31,7 +33,7 @@ cosine to 0.1x at the end of training); the DINO heads (``models/discrim.py`` ``
 -> GroupNorm(32, eps 1e-6) -> LeakyReLU(0.2), then a residual Conv1d(k=9, circular) -> GroupNorm ->
 LeakyReLU scaled by 1/sqrt(2), then Conv1d(C, 1, k=1), on patch tokens plus the class token;
 inputs cropped at random or area-resized (1/2 each) to 252 px for 256-px images; conv weights
-xavier-normal gain 0.5, ``init_weights``). ``dino_head: mlp`` / ``dino_resize: bilinear`` keep vtok's
+xavier-normal gain 0.5, ``init_weights``). ``discriminator: {type: dino, head: mlp, resize: bilinear}`` keep vtok's
 earlier head (LayerNorm -> Linear -> LeakyReLU -> Linear per patch token) and bilinear resize.
 
 Terms: ``generator`` (adaptive weight included), and diagnostics with weight 0:
@@ -40,33 +42,88 @@ Terms: ``generator`` (adaptive weight included), and diagnostics with weight 0:
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
 
 from core.hookspecs import hookimpl
-from core.interfaces import Loss, LossConfig
+from core.interfaces import Loss, LossConfig, OptimizerConfig, VocabModel
 from plugins.local_weights import load_timm_local, require_file
 
 Aug = Literal["color", "translation", "cutout"]
 
 
+class PatchGANConfig(VocabModel):
+    """VQGAN's N-layer PatchGAN."""
+
+    type: Literal["patchgan"] = "patchgan"
+    width: int = Field(64, gt=0)  # channels of the first layer
+    depth: int = Field(3, ge=1)  # stride-2 layers (VQGAN's n_layers)
+
+
+class DinoConfig(VocabModel):
+    """Frozen DINOv2 features (timm, local weights) with trainable per-block token heads (UniTok)."""
+
+    renamed = {"layers": "blocks"}  # indices of blocks, not a count
+    type: Literal["dino"] = "dino"
+    model: str = "vit_small_patch14_dinov2"  # timm model name
+    weights: Optional[str] = None  # local weights file of ``model`` (required)
+    resolution: int = Field(252, gt=0)  # backbone input size (UniTok: 256 // 14 * 14 = 252)
+    resize: Literal["crop_or_area", "bilinear"] = "crop_or_area"  # random crop / area resize (UniTok) or bilinear
+    blocks: list[int] = Field(default_factory=lambda: [0, 2, 5, 8, 11])  # blocks whose tokens D reads (UniTok)
+    head: Literal["conv", "mlp"] = "conv"  # UniTok's Conv1d/GroupNorm heads, or vtok's per-token MLP
+    kernel_size: int = Field(9, ge=1)  # conv head: kernel of the residual Conv1d (UniTok: 9)
+    class_token: bool = True  # add the class token to every patch token (UniTok)
+
+    @model_validator(mode="after")
+    def _weights_present(self) -> "DinoConfig":
+        if self.weights is None:
+            raise ValueError(f"discriminator 'dino' needs discriminator.weights: a local {self.model} weights file")
+        require_file(self.weights, f"discriminator.weights ({self.model} weights)")
+        return self
+
+
+DiscriminatorConfig = Annotated[Union[PatchGANConfig, DinoConfig], Field(discriminator="type")]
+
+
+class DiscriminatorOptimizerConfig(OptimizerConfig):
+    """D's AdamW (UniTok's defaults; weight decay not on 1-d parameters), its learning-rate schedule
+    after ``start_step`` and its gradient clip."""
+
+    lr: float = Field(2e-5, gt=0)  # (UniTok)
+    betas: tuple[float, float] = (0.5, 0.9)  # (UniTok)
+    eps: float = Field(1e-6, gt=0)  # (UniTok)
+    weight_decay: float = Field(0.2, ge=0)  # (UniTok)
+    grad_clip: Optional[float] = Field(10.0, gt=0)  # clip of D's gradient norm (UniTok: 10); null: off
+    warmup_steps: int = Field(0, ge=0)  # D's lr rises linearly from 0 over this many steps after start_step
+    schedule: Literal["constant", "cosine"] = "constant"  # D's lr after warm-up (UniTok: cosine)
+    decay_steps: int = Field(0, ge=0)  # cosine: steps from start_step to the end of training
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)  # cosine: final lr / lr (UniTok: 0.1)
+
+    @model_validator(mode="after")
+    def _horizon(self) -> "DiscriminatorOptimizerConfig":
+        if self.schedule == "cosine" and self.decay_steps <= self.warmup_steps:
+            raise ValueError(f"schedule cosine needs decay_steps > warmup_steps ({self.warmup_steps}): "
+                             "the steps from start_step to the end of training")
+        return self
+
+
+_RENAMED = {"width": "discriminator.width", "n_layers": "discriminator.depth"}
+_RENAMED |= {f"dino_{k}": f"discriminator.{v}" for k, v in [
+    ("model", "model"), ("weights", "weights"), ("resolution", "resolution"), ("resize", "resize"),
+    ("layers", "blocks"), ("head", "head"), ("kernel_size", "kernel_size"), ("class_token", "class_token")]}
+_RENAMED |= {f"d_{k}": f"optimizer.{k}" for k in [
+    "lr", "betas", "eps", "weight_decay", "grad_clip", "warmup_steps", "schedule", "decay_steps", "min_lr_ratio"]}
+
+
 class AdversarialConfig(LossConfig):
+    renamed = _RENAMED
     type: Literal["adversarial"] = "adversarial"
-    discriminator: Literal["patchgan", "dino"] = "patchgan"  # PatchGAN, or frozen DINOv2 features + heads
-    width: int = Field(64, gt=0)  # patchgan: channels of the first layer
-    n_layers: int = Field(3, ge=1)  # patchgan: stride-2 layers
-    dino_model: str = "vit_small_patch14_dinov2"  # dino: timm model name
-    dino_weights: Optional[str] = None  # dino: local weights file (required for dino)
-    dino_resolution: int = Field(252, gt=0)  # dino: backbone input size (UniTok: 256 // 14 * 14 = 252)
-    dino_resize: Literal["crop_or_area", "bilinear"] = "crop_or_area"  # random crop / area resize (UniTok) or bilinear
-    dino_layers: list[int] = Field(default_factory=lambda: [0, 2, 5, 8, 11])  # dino: blocks whose tokens D reads
-    dino_head: Literal["conv", "mlp"] = "conv"  # UniTok's Conv1d/GroupNorm heads, or vtok's per-token MLP
-    dino_kernel_size: int = Field(9, ge=1)  # dino conv head: kernel of the residual Conv1d (UniTok: 9)
-    dino_class_token: bool = True  # dino: add the class token to every patch token (UniTok)
+    discriminator: DiscriminatorConfig = Field(default_factory=PatchGANConfig)  # by type; a bare name takes its defaults
+    optimizer: DiscriminatorOptimizerConfig = Field(default_factory=DiscriminatorOptimizerConfig)  # D's AdamW and lr schedule
     adaptive: bool = True  # VQGAN adaptive weight (else 1)
     adaptive_from: list[str] = Field(default_factory=lambda: ["pixel", "perceptual"])  # loss types forming L_rec
     adaptive_min: float = Field(0.015, ge=0)  # clamp of the adaptive weight (UniTok: 0.015)
@@ -80,26 +137,11 @@ class AdversarialConfig(LossConfig):
     bcr: float = Field(0.0, ge=0)  # balanced consistency regularisation weight (UniTok: 4.0; 0: off)
     bcr_policies: list[Aug] = Field(default_factory=lambda: ["translation", "color", "cutout"])  # bCR's T (UniTok)
     bcr_on_diffaug: bool = False  # bCR view D(T(x)) (UniTok) or T on top of the DiffAug view
-    d_lr: float = Field(2e-5, gt=0)  # discriminator AdamW learning rate (UniTok)
-    d_betas: tuple[float, float] = (0.5, 0.9)  # discriminator AdamW betas (UniTok)
-    d_eps: float = Field(1e-6, gt=0)  # discriminator AdamW eps (UniTok)
-    d_weight_decay: float = Field(0.2, ge=0)  # discriminator AdamW weight decay, not on 1-d parameters (UniTok)
-    d_grad_clip: Optional[float] = Field(10.0, gt=0)  # clip of D's gradient norm (UniTok: 10); null: off
-    d_warmup_steps: int = Field(0, ge=0)  # D's lr rises linearly from 0 over this many steps after start_step
-    d_schedule: Literal["constant", "cosine"] = "constant"  # D's lr after warm-up (UniTok: cosine)
-    d_decay_steps: int = Field(0, ge=0)  # cosine: steps from start_step to the end of training
-    d_min_lr_ratio: float = Field(0.1, ge=0, le=1)  # cosine: final lr / d_lr (UniTok: 0.1)
 
-    @model_validator(mode="after")
-    def _dino_weights_present(self) -> "AdversarialConfig":
-        if self.discriminator == "dino":
-            if self.dino_weights is None:
-                raise ValueError(f"discriminator 'dino' needs dino_weights: a local {self.dino_model} weights file")
-            require_file(self.dino_weights, f"dino_weights ({self.dino_model} weights)")
-        if self.d_schedule == "cosine" and self.d_decay_steps <= self.d_warmup_steps:
-            raise ValueError(f"d_schedule cosine needs d_decay_steps > d_warmup_steps ({self.d_warmup_steps}): "
-                             "the steps from start_step to the end of training")
-        return self
+    @field_validator("discriminator", mode="before")
+    @classmethod
+    def _bare_name(cls, v: Any) -> Any:
+        return {"type": v} if isinstance(v, str) else v
 
 
 # ---- discriminators ------------------------------------------------------------------------
@@ -108,19 +150,19 @@ class AdversarialConfig(LossConfig):
 class PatchGAN(nn.Module):
     """VQGAN's N-layer PatchGAN (Isola et al. 2017): 4x4 convs, BatchNorm, LeakyReLU(0.2); logits per patch."""
 
-    def __init__(self, width: int = 64, n_layers: int = 3) -> None:
+    def __init__(self, width: int = 64, depth: int = 3) -> None:
         super().__init__()
         layers: list[nn.Module] = [nn.Conv2d(3, width, 4, 2, 1), nn.LeakyReLU(0.2)]
         ch = width
-        for i in range(1, n_layers + 1):
+        for i in range(1, depth + 1):
             out = width * min(2**i, 8)
-            stride = 2 if i < n_layers else 1
+            stride = 2 if i < depth else 1
             layers += [nn.Conv2d(ch, out, 4, stride, 1, bias=False), nn.BatchNorm2d(out), nn.LeakyReLU(0.2)]
             ch = out
         layers.append(nn.Conv2d(ch, 1, 4, 1, 1))
         self.net = nn.Sequential(*layers)
-        # n_layers halvings, then two 4x4 stride-1 convs that each remove one pixel
-        self.min_size = 3 * 2**n_layers
+        # depth halvings, then two 4x4 stride-1 convs that each remove one pixel
+        self.min_size = 3 * 2**depth
         for m in self.modules():  # VQGAN's init
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, 0.0, 0.02)
@@ -174,21 +216,21 @@ def dino_input(x: Tensor, size: int, mode: str) -> Tensor:
 class DinoDiscriminator(nn.Module):
     """Frozen DINOv2 ViT; trainable per-level token heads (UniTok's conv heads, or vtok's MLP)."""
 
-    def __init__(self, model: str, weights: str, resolution: int, layers: list[int], head: str = "conv",
+    def __init__(self, model: str, weights: str, resolution: int, blocks: list[int], head: str = "conv",
                  kernel: int = 9, class_token: bool = True, resize: str = "crop_or_area") -> None:
         super().__init__()
         self.backbone = load_timm_local(model, weights, img_size=resolution, num_classes=0)
         self.backbone.eval().requires_grad_(False)
-        self.resolution, self.layers, self.class_token, self.resize = resolution, list(layers), class_token, resize
+        self.resolution, self.blocks, self.class_token, self.resize = resolution, list(blocks), class_token, resize
         dim = self.backbone.embed_dim
         cfg = self.backbone.pretrained_cfg
         self.register_buffer("mean", torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406))).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(cfg.get("std", (0.229, 0.224, 0.225))).view(1, 3, 1, 1), persistent=False)
         if head == "conv":
-            self.heads = nn.ModuleList(ConvTokenHead(dim, kernel) for _ in layers)
+            self.heads = nn.ModuleList(ConvTokenHead(dim, kernel) for _ in blocks)
         else:
             self.heads = nn.ModuleList(
-                nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.LeakyReLU(0.2), nn.Linear(dim, 1)) for _ in layers
+                nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.LeakyReLU(0.2), nn.Linear(dim, 1)) for _ in blocks
             )
 
     def train(self, mode: bool = True) -> "DinoDiscriminator":
@@ -198,7 +240,7 @@ class DinoDiscriminator(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = dino_input(((x.float() + 1) / 2 - self.mean) / self.std, self.resolution, self.resize)
-        feats = self.backbone.forward_intermediates(x, indices=self.layers, return_prefix_tokens=True,
+        feats = self.backbone.forward_intermediates(x, indices=self.blocks, return_prefix_tokens=True,
                                                     intermediates_only=True, output_fmt="NLC", norm=False)
         out = []
         for head, (patches, prefix) in zip(self.heads, feats):
@@ -286,17 +328,17 @@ def adaptive_weight(rec: Tensor, gen: Tensor, last_layer: Tensor, lo: float, hi:
 
 
 def d_lr_factor(step: int, cfg: "AdversarialConfig") -> float:
-    """D's learning rate / ``d_lr`` at ``step`` (UniTok ``LRScheduler.step`` on ``step - start_step``):
-    0 before the start, linear warm-up from 0, then 1 or a cosine to ``d_min_lr_ratio`` at the end."""
-    s = step - cfg.start_step
+    """D's learning rate / ``optimizer.lr`` at ``step`` (UniTok ``LRScheduler.step`` on ``step - start_step``):
+    0 before the start, linear warm-up from 0, then 1 or a cosine to ``optimizer.min_lr_ratio`` at the end."""
+    s, o = step - cfg.start_step, cfg.optimizer
     if s < 0:
         return 0.0
-    if s < cfg.d_warmup_steps:
-        return s / cfg.d_warmup_steps
-    if cfg.d_schedule == "constant":
+    if s < o.warmup_steps:
+        return s / o.warmup_steps
+    if o.schedule == "constant":
         return 1.0
-    past = min(1.0, (s - cfg.d_warmup_steps) / max(1, cfg.d_decay_steps - cfg.d_warmup_steps - 1))
-    return cfg.d_min_lr_ratio + (1 - cfg.d_min_lr_ratio) * (0.5 + 0.5 * math.cos(math.pi * past))
+    past = min(1.0, (s - o.warmup_steps) / max(1, o.decay_steps - o.warmup_steps - 1))
+    return o.min_lr_ratio + (1 - o.min_lr_ratio) * (0.5 + 0.5 * math.cos(math.pi * past))
 
 
 def blur_sigma(step: int, cfg: "AdversarialConfig", size: int) -> float:
@@ -316,12 +358,12 @@ class AdversarialLoss(Loss):
     def __init__(self, cfg: AdversarialConfig, model: Any = None) -> None:
         super().__init__()
         self.cfg = cfg
-        if cfg.discriminator == "dino":
+        d = cfg.discriminator
+        if isinstance(d, DinoConfig):
             self.discriminator: nn.Module = DinoDiscriminator(
-                cfg.dino_model, cfg.dino_weights, cfg.dino_resolution, cfg.dino_layers, cfg.dino_head,
-                cfg.dino_kernel_size, cfg.dino_class_token, cfg.dino_resize)
+                d.model, d.weights, d.resolution, d.blocks, d.head, d.kernel_size, d.class_token, d.resize)
         else:
-            self.discriminator = PatchGAN(cfg.width, cfg.n_layers)
+            self.discriminator = PatchGAN(d.width, d.depth)
         self.register_buffer("ema_real", torch.zeros(()))  # LeCAM anchors
         self.register_buffer("ema_fake", torch.zeros(()))
 
@@ -368,19 +410,20 @@ class AdversarialLoss(Loss):
 
     def aux_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         """AdamW; weight decay on parameters with 2+ dims only (UniTok ``partition_param_groups``)."""
-        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": self.cfg.d_weight_decay},
+        o = self.cfg.optimizer
+        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": o.weight_decay},
                   {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-        return torch.optim.AdamW([g for g in groups if g["params"]], lr=self.cfg.d_lr, betas=self.cfg.d_betas,
-                                 eps=self.cfg.d_eps)
+        return torch.optim.AdamW([g for g in groups if g["params"]], lr=o.lr, betas=o.betas, eps=o.eps)
 
     def before_aux_step(self, optimizer: torch.optim.Optimizer, step: int) -> None:
         """Called by the trainer between D's backward and ``optimizer.step()``: D's learning rate for
         this step (warm-up + schedule, stateless) and the gradient clip."""
-        lr = self.cfg.d_lr * d_lr_factor(step, self.cfg)
+        o = self.cfg.optimizer
+        lr = o.lr * d_lr_factor(step, self.cfg)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        if self.cfg.d_grad_clip:
-            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], self.cfg.d_grad_clip)
+        if o.grad_clip:
+            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], o.grad_clip)
 
     def aux_loss(self, batch: dict[str, Any], outputs: dict[str, Any], step: int) -> Optional[dict[str, Tensor]]:
         if step < self.cfg.start_step:

@@ -20,20 +20,20 @@ from typing import Any, Literal, Optional
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from core.checkpoint import find_run_dir
 from core.errors import ConfigError
 from core.hookspecs import hookimpl
-from core.interfaces import Loss, LossConfig
+from core.interfaces import Loss, LossConfig, VocabModel
 from plugins.local_weights import load_timm_local, require_file
 
 
-class TeacherConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+class TeacherConfig(VocabModel):
+    renamed = {"path": "weights"}
     kind: Literal["vtok", "open_clip", "timm"] = "vtok"  # what the file is
-    path: str  # vtok: run or checkpoint directory, or a run-name prefix (runs/clip_teacher); open_clip / timm: local weights file
+    weights: str  # vtok: run or checkpoint directory, or a run-name prefix (runs/clip_teacher); open_clip / timm: local weights file
     name: Optional[str] = None  # open_clip / timm model name (e.g. ViT-B-16, vit_base_patch16_siglip_224)
     image_size: Optional[int] = Field(None, gt=0)  # resize images to this (default: the teacher's own size)
 
@@ -42,14 +42,14 @@ class TeacherConfig(BaseModel):
         if self.kind != "vtok" and not self.name:
             raise ValueError(f"teacher kind '{self.kind}' needs a model name (teacher.name)")
         if self.kind == "vtok":
-            if find_run_dir(self.path) is None:
+            if find_run_dir(self.weights) is None:
                 from core.needs import missing
 
                 missing("distillation teacher run",  # --dry-run lists it; a real run stops here
                         "a vtok run or checkpoint directory, or a run-name prefix such as runs/clip_teacher "
-                        "after python -m core.run experiments/clip_teacher.yaml", at=self.path)
+                        "after python -m core.run experiments/clip_teacher.yaml", at=self.weights)
         else:
-            require_file(self.path, f"distillation teacher weights file ({self.kind} {self.name})")
+            require_file(self.weights, f"distillation teacher weights file ({self.kind} {self.name})")
         return self
 
 
@@ -103,18 +103,18 @@ def build_teacher(cfg: TeacherConfig) -> Teacher:
     if cfg.kind == "vtok":
         from core.checkpoint import load_for_inference  # the lead's checkpoint module
 
-        _, model = load_for_inference(cfg.path)
+        _, model = load_for_inference(cfg.weights)
         return Teacher(_vtok_embed, model, size or model.image_size)
     if cfg.kind == "open_clip":
         import open_clip
 
-        net = open_clip.create_model(cfg.name, pretrained=cfg.path, require_pretrained=True)
+        net = open_clip.create_model(cfg.name, pretrained=cfg.weights, require_pretrained=True)
         vis = net.visual
         img = vis.image_size[0] if isinstance(vis.image_size, (tuple, list)) else vis.image_size
         mean = getattr(vis, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
         std = getattr(vis, "image_std", None) or open_clip.OPENAI_DATASET_STD
         return Teacher(lambda n, x: n.encode_image(x), net, size or img, tuple(mean), tuple(std))
-    net = load_timm_local(cfg.name, cfg.path, num_classes=0)
+    net = load_timm_local(cfg.name, cfg.weights, num_classes=0)
     pc = net.pretrained_cfg
     return Teacher(lambda n, x: n(x), net, size or pc["input_size"][-1], tuple(pc["mean"]), tuple(pc["std"]))
 

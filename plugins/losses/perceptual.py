@@ -1,6 +1,6 @@
 """Perceptual loss: LPIPS (Zhang et al. 2018) through the ``lpips`` package (UniTok: VGG16, weight 1).
 
-The trunk weights are read from a local file (``backbone_path``, else torchvision's file in the
+The trunk weights are read from a local file (``weights``, else torchvision's file in the
 torch hub cache); a missing file fails at config validation with one line naming it.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ class PerceptualLoss(Loss):
         self.cfg = cfg
         # frozen and large: kept out of the module tree so it is neither checkpointed nor optimised;
         # moved to the batch's device on first use
-        self._net: tuple[nn.Module] = (build_lpips(cfg.net, cfg.backbone_path),)
+        self._net: tuple[nn.Module] = (build_lpips(cfg.net, cfg.weights),)
 
     @property
     def net(self) -> nn.Module:

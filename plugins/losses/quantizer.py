@@ -1,4 +1,8 @@
-"""The quantizer's own terms (commitment, codebook, entropy, ...) with a weight per term.
+"""The quantizer's own terms (commitment, codebook, entropy, ...), each with its weight.
+
+A term's weight is set in ONE place, the quantizer's config (``<term>_weight``, e.g.
+``model.quantizer.commitment_weight``; ``Quantizer.loss_weights``); this loss adds the overall
+``weight`` and schedule.
 
 Optional ramp: a factor that falls linearly from ``ramp_from`` at step 0 to 1 at ``ramp_steps``,
 on top of the usual weight / start_step / warmup_steps schedule. Which terms it multiplies:
@@ -25,8 +29,7 @@ from core.interfaces import Loss, LossConfig
 
 class QuantizerLossConfig(LossConfig):
     type: Literal["quantizer"] = "quantizer"
-    # per-term weight; unlisted terms take the quantizer's paper weight (Quantizer.loss_weights), else 1
-    terms: dict[str, float] = Field(default_factory=dict)
+    renamed = {"terms": "model.quantizer.<term>_weight (a term's weight lives in the quantizer's config)"}
     ramp_steps: int = Field(0, ge=0)  # length of the ramp from ramp_from x to 1x (0: no ramp)
     ramp_from: float = Field(3.0, ge=0)  # multiplier at step 0 (BSQ: 3; Open-MAGVIT2 codebook_enlarge 3: 4)
     ramp_terms: Optional[list[str]] = None  # terms the ramp multiplies; null: all (BSQ-ViT), [entropy]: Open-MAGVIT2
@@ -40,15 +43,14 @@ def ramp_factor(step: int, steps: int, start: float) -> float:
 
 
 class QuantizerLoss(Loss):
-    """The terms in ``outputs['quant'].losses``, each weighted by ``terms`` or the quantizer's default."""
+    """The terms in ``outputs['quant'].losses``, each weighted by the quantizer's ``<term>_weight``."""
 
     Config = QuantizerLossConfig
 
     def __init__(self, cfg: QuantizerLossConfig, model: Any = None) -> None:
         super().__init__()
         self.cfg = cfg
-        defaults = model.quantizer.loss_weights() if model is not None else {}
-        self.weights = {**defaults, **cfg.terms}
+        self.weights = model.quantizer.loss_weights() if model is not None else {}
 
     def forward(self, batch: dict[str, Any], outputs: dict[str, Any], step: int) -> dict[str, Tensor]:
         terms = dict(outputs["quant"].losses)

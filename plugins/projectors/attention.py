@@ -54,7 +54,7 @@ def head_layout(in_dim: int, out_dim: int, heads: Optional[int]) -> tuple[int, i
     """(number of heads, head width); ConfigError when the widths do not split evenly."""
     if in_dim > out_dim:
         if in_dim % out_dim:
-            raise ConfigError("out", f"compression {in_dim} -> {out_dim} needs in divisible by out (heads of width out are averaged)")
+            raise ConfigError("out_dim", f"compression {in_dim} -> {out_dim} needs in divisible by out (heads of width out are averaged)")
         if heads is not None and heads != in_dim // out_dim:
             raise ConfigError("heads", f"compression {in_dim} -> {out_dim} uses {in_dim // out_dim} heads of width {out_dim}, got {heads}")
         return in_dim // out_dim, out_dim

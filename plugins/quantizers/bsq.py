@@ -2,8 +2,8 @@
 (unit norm), straight-through. The projection Linear(z) of the paper is the model's pre-projector.
 
 Soft assignment over the implicit codebook C = {-1/sqrt(d), 1/sqrt(d)}^d:
-p(c | u) ∝ exp(2 inv_temperature u.c) (the softmax of -inv_temperature ||u - c||^2), which
-factorises over bits with p(bit_i = 1) = sigmoid(4 inv_temperature u_i / sqrt(d)).
+p(c | u) ∝ exp(2 u.c / T) (the softmax of -||u - c||^2 / T, T = ``entropy_temperature``), which
+factorises over bits with p(bit_i = 1) = sigmoid(4 u_i / (T sqrt(d))).
 H_ps (per-sample entropy) is EXACT, O(N d). H_cb: ``grouped`` (BSQ eq. 9) sums each group's exact
 marginal entropy over its 2^g sub-codes, groups of ``entropy_group_size`` consecutive bits
 (g=1: per bit), O(N (d/g) 2^g); ``exact`` is exact over all 2^d codes (half-split GEMM, O(N 2^d) time, O(N 2^(d/2) + 2^d) memory).
@@ -18,9 +18,10 @@ Defaults follow BSQ-ViT's released code (zhaoyue-zephyrus/bsq-vit,
 - ``straight_through: scaled`` -- the sign is straight-through on the unit latent, THEN scaled by
   1/sqrt(d), so the gradient reaching u is 1/sqrt(d) times the incoming one (BSQ-ViT);
   ``identity``: ``sg(q) + u - sg(u)``, gradient passed unchanged (vtok before).
-- ``inv_temperature: 1`` (``VITBSQModel``'s default; no released config overrides it); vtok used 100.
-- ``entropy_over_inv_temperature: true`` -- the entropy term is divided by the inverse temperature
-  (``zeta * entropy_penalty / inv_temperature`` in ``forward``; a no-op at 1).
+- ``entropy_temperature: 1`` (BSQ-ViT's ``inv_temperature`` 1, ``VITBSQModel``'s default; no released
+  config overrides it; T = 1 / inv_temperature); vtok used 0.01.
+- ``entropy_scaled_by_temperature: true`` -- the entropy term is multiplied by T, i.e. divided by
+  BSQ-ViT's inverse temperature (``zeta * entropy_penalty / inv_temperature`` in ``forward``; a no-op at 1).
 - ``commitment_reduction: sum`` -- commitment is ``mean_tokens sum_dims (q - u)^2`` (BSQ-ViT) = d x
   the ``mean`` over dims (vtok before).
 BSQ-ViT takes ``log(p + 1e-8)`` inside the entropies; here they are exact (a difference of at most
@@ -51,15 +52,15 @@ class BSQConfig(QuantizerConfig):
     type: Literal["bsq"] = "bsq"
     code_dim: int = Field(18, ge=1, le=62)  # d bits = latent width; implicit codebook 2^d
     bit_order: Literal["little", "big"] = "big"  # index bit weights 2^i (little) or 2^(d-1-i) (big, BSQ)
-    inv_temperature: float = Field(1.0, gt=0)  # 1/tau in p(c|u) ∝ exp(2 u.c / tau) (BSQ-ViT: 1)
-    entropy_over_inv_temperature: bool = True  # divide the entropy term by inv_temperature (BSQ-ViT)
+    entropy_temperature: float = Field(1.0, gt=0)  # T in p(c|u) ∝ exp(2 u.c / T) (BSQ-ViT: inv_temperature 1 = 1 / T)
+    entropy_scaled_by_temperature: bool = True  # multiply the entropy term by T (BSQ-ViT: / inv_temperature)
     straight_through: Literal["scaled", "identity"] = "scaled"  # gradient to u: 1/sqrt(d) (BSQ-ViT) or 1
     commitment_reduction: Literal["sum", "mean"] = "sum"  # over the d dims: sum (BSQ-ViT) or mean
     sample_entropy_weight: float = Field(1.0, ge=0)  # gamma0 inside ``entropy``
     codebook_entropy_weight: float = Field(1.0, ge=0)  # gamma inside ``entropy``
     codebook_entropy: Literal["grouped", "exact"] = "grouped"  # see the module docstring
     entropy_group_size: int = Field(9, ge=1)  # bits per group for codebook_entropy=grouped (up to code_dim, <= 24)
-    commitment: float = Field(0.0, ge=0)  # beta, paper weight of mse(u, sg(q)) (0 in released configs)
+    commitment_weight: float = Field(0.0, ge=0)  # beta, paper weight of mse(u, sg(q)) (0 in released configs)
     entropy_weight: float = Field(0.1, ge=0)  # zeta, paper weight of the entropy term
 
     @property
@@ -96,13 +97,13 @@ class BSQ(Quantizer):
         u = F.normalize(z.reshape(-1, cfg.code_dim), dim=-1)
         bits = u > 0
         q = torch.where(bits, self.scale, -self.scale)
-        a = u * (4 * cfg.inv_temperature * self.scale)  # per-bit logit of p(c | u)
+        a = u * (4 / cfg.entropy_temperature * self.scale)  # per-bit logit of p(c | u)
         h_ps = sample_entropy(a)
         h_cb = (codebook_entropy_grouped(a, cfg.entropy_group_size) if cfg.codebook_entropy == "grouped"
                 else codebook_entropy_exact(a))
         entropy = cfg.sample_entropy_weight * h_ps - cfg.codebook_entropy_weight * h_cb
-        if cfg.entropy_over_inv_temperature:
-            entropy = entropy / cfg.inv_temperature
+        if cfg.entropy_scaled_by_temperature:
+            entropy = entropy * cfg.entropy_temperature
         commitment = (q - u).pow(2).sum(-1).mean() if cfg.commitment_reduction == "sum" else F.mse_loss(u, q)
         losses = {"commitment": commitment, "entropy": entropy}
         idx = bits_to_index(bits, cfg.bit_order)
@@ -113,7 +114,7 @@ class BSQ(Quantizer):
         return QuantizerOutput(out.reshape(z.shape), idx.reshape(*z.shape[:-1], 1), losses, metrics)
 
     def loss_weights(self) -> dict[str, float]:
-        return {"commitment": self.cfg.commitment, "entropy": self.cfg.entropy_weight}
+        return {"commitment": self.cfg.commitment_weight, "entropy": self.cfg.entropy_weight}
 
     def indices_to_codes(self, indices: Tensor) -> Tensor:
         bits = index_to_bits(indices[..., 0], self.cfg.code_dim, self.cfg.bit_order)

@@ -14,11 +14,12 @@ from core.interfaces import Quantizer, QuantizerConfig, QuantizerOutput
 
 class IdentityConfig(QuantizerConfig):
     type: Literal["identity"] = "identity"
-    dim: int = Field(64, gt=0)  # latent width passed through unchanged
+    renamed = {"dim": "code_dim"}
+    code_dim: int = Field(64, gt=0)  # latent width passed through unchanged
 
     @property
     def latent_dim(self) -> int:
-        return self.dim
+        return self.code_dim
 
 
 class Identity(Quantizer):
@@ -36,7 +37,7 @@ class Identity(Quantizer):
         self.cfg = cfg
         self.codes_per_token = 0
         self.codebook_sizes = []
-        self.bits_per_token = 32.0 * cfg.dim
+        self.bits_per_token = 32.0 * cfg.code_dim
 
     def quantize(self, z: Tensor) -> QuantizerOutput:
         return QuantizerOutput(z, z.new_zeros((*z.shape[:-1], 0), dtype=torch.int64))

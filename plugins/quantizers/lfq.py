@@ -58,7 +58,7 @@ class _BinaryConfig(QuantizerConfig):
     entropy_temperature: float = Field(0.01, gt=0)  # T in softmax(2 z.c / T)
     sample_entropy_weight: float = Field(1.0, ge=0)  # gamma0: weight of the per-sample entropy inside ``entropy``
     codebook_entropy_weight: float = Field(1.0, ge=0)  # gamma: weight of the codebook entropy inside ``entropy``
-    commitment: float = Field(0.25, ge=0)  # paper weight of the commitment term
+    commitment_weight: float = Field(0.25, ge=0)  # paper weight of the commitment term
     entropy_weight: float = Field(0.1, ge=0)  # paper weight of the entropy term
     codebook_entropy_log_eps: float = Field(0.0, ge=0)  # 0: exact H_cb; 1e-5: log(p + 1e-5) (Open-MAGVIT2, WeTok)
 
@@ -84,13 +84,13 @@ class LFQConfig(_BinaryConfig):
 
 class GQConfig(_BinaryConfig):
     type: Literal["gq"] = "gq"
-    n_groups: int = Field(16, ge=1)  # g groups (codes per token)
-    group_dim: int = Field(8, ge=1, le=16)  # d' bits per group; each group has 2^d' implicit codes
+    codes_per_token: int = Field(16, ge=1)  # g groups
+    code_dim: int = Field(8, ge=1, le=16)  # d' bits per group; each group has 2^d' implicit codes
     codebook_entropy: Literal["pooled", "per_group"] = "pooled"  # one shared distribution (WeTok) or one per group
 
     @property
     def latent_dim(self) -> int:
-        return self.n_groups * self.group_dim
+        return self.codes_per_token * self.code_dim
 
 
 def _signs(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -134,7 +134,7 @@ class LFQ(Quantizer):
         return QuantizerOutput(straight_through(x, q).reshape(z.shape), idx.reshape(*z.shape[:-1], 1), losses, metrics)
 
     def loss_weights(self) -> dict[str, float]:
-        return {"commitment": self.cfg.commitment, "entropy": self.cfg.entropy_weight}
+        return {"commitment": self.cfg.commitment_weight, "entropy": self.cfg.entropy_weight}
 
     def indices_to_codes(self, indices: Tensor) -> Tensor:
         return torch.where(index_to_bits(indices[..., 0], self.cfg.code_dim, self.cfg.bit_order), 1.0, -1.0)
@@ -148,9 +148,9 @@ class GQ(Quantizer):
     def __init__(self, cfg: GQConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.codes_per_token = cfg.n_groups
-        self.codebook_sizes = [2**cfg.group_dim] * cfg.n_groups
-        self.bits_per_token = float(cfg.n_groups * cfg.group_dim)
+        self.codes_per_token = cfg.codes_per_token
+        self.codebook_sizes = [2**cfg.code_dim] * cfg.codes_per_token
+        self.bits_per_token = float(cfg.codes_per_token * cfg.code_dim)
 
     def entropies(self, a: Tensor) -> tuple[Tensor, Tensor]:
         """a ``(M, g, d')`` -> (H_ps, H_cb) per group code, as ``codebook_entropy`` says."""
@@ -162,7 +162,7 @@ class GQ(Quantizer):
 
     def quantize(self, z: Tensor) -> QuantizerOutput:
         cfg = self.cfg
-        x = z.reshape(-1, cfg.n_groups, cfg.group_dim)
+        x = z.reshape(-1, cfg.codes_per_token, cfg.code_dim)
         bits, q = _signs(x)
         h_ps, h_cb = self.entropies(x * (4 / cfg.entropy_temperature))
         losses = {"commitment": F.mse_loss(x, q),
@@ -170,15 +170,15 @@ class GQ(Quantizer):
         idx = bits_to_index(bits, cfg.bit_order)  # (M, g)
         metrics = {"sample_entropy": h_ps.detach(), "codebook_entropy": h_cb.detach(),
                    "bit_balance": bit_balance(bits.reshape(x.shape[0], -1))}
-        metrics.update(usage_metrics(code_counts(idx, 2**cfg.group_dim)))
+        metrics.update(usage_metrics(code_counts(idx, 2**cfg.code_dim)))
         out = straight_through(x, q).reshape(z.shape)
-        return QuantizerOutput(out, idx.reshape(*z.shape[:-1], cfg.n_groups), losses, metrics)
+        return QuantizerOutput(out, idx.reshape(*z.shape[:-1], cfg.codes_per_token), losses, metrics)
 
     def loss_weights(self) -> dict[str, float]:
-        return {"commitment": self.cfg.commitment, "entropy": self.cfg.entropy_weight}
+        return {"commitment": self.cfg.commitment_weight, "entropy": self.cfg.entropy_weight}
 
     def indices_to_codes(self, indices: Tensor) -> Tensor:
-        q = torch.where(index_to_bits(indices, self.cfg.group_dim, self.cfg.bit_order), 1.0, -1.0)
+        q = torch.where(index_to_bits(indices, self.cfg.code_dim, self.cfg.bit_order), 1.0, -1.0)
         return q.reshape(*indices.shape[:-1], self.cfg.latent_dim)
 
 

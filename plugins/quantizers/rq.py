@@ -23,12 +23,14 @@ from plugins.quantizers._common import SEARCH_BUDGET, code_counts, kmeans, neare
 
 class RQConfig(QuantizerConfig):
     type: Literal["rq"] = "rq"
-    depth: int = Field(4, ge=1)  # D residual stages (codes per token)
+    renamed = {"depth": "codes_per_token"}
+    codes_per_token: int = Field(4, ge=1)  # D residual stages
     codebook_size: int = Field(1024, gt=1)  # entries per stage codebook
     code_dim: int = Field(64, gt=0)  # latent width (every stage quantizes the full width)
     shared_codebook: bool = False  # one codebook for all stages (RQ-VAE) or one per stage
     l2_normalize: Literal["none", "input"] = "none"  # see the module docstring
-    commitment: float = Field(0.25, ge=0)  # beta, paper weight of the commitment term
+    commitment_weight: float = Field(0.25, ge=0)  # beta, paper weight of the commitment term
+    codebook_weight: float = Field(1.0, ge=0)  # weight of the codebook term (RQ-VAE: 1)
     kmeans_init: bool = False  # k-means each stage's codebook on its residuals of the first training batch
     kmeans_iters: int = Field(10, ge=1)  # Lloyd iterations of that k-means
     search_budget: int = Field(SEARCH_BUDGET, ge=1)  # max floats in one (rows x codes) distance block
@@ -50,15 +52,15 @@ class RQ(Quantizer):
     def __init__(self, cfg: RQConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        n_books = 1 if cfg.shared_codebook else cfg.depth
+        n_books = 1 if cfg.shared_codebook else cfg.codes_per_token
         bound = cfg.code_dim**-0.5 / 36
         self.codebook = nn.Parameter(torch.empty(n_books, cfg.codebook_size, cfg.code_dim).uniform_(-bound, bound))
         self.register_buffer("initted", torch.tensor(not cfg.kmeans_init))
         self._needs_init = cfg.kmeans_init
         self.register_load_state_dict_post_hook(lambda m, _: setattr(m, "_needs_init", not bool(m.initted)))
-        self.codes_per_token = cfg.depth
-        self.codebook_sizes = [cfg.codebook_size] * cfg.depth
-        self.bits_per_token = cfg.depth * math.log2(cfg.codebook_size)
+        self.codes_per_token = cfg.codes_per_token
+        self.codebook_sizes = [cfg.codebook_size] * cfg.codes_per_token
+        self.bits_per_token = cfg.codes_per_token * math.log2(cfg.codebook_size)
 
     def _book(self, s: int) -> Tensor:
         return self.codebook[0 if self.cfg.shared_codebook else s]
@@ -82,7 +84,7 @@ class RQ(Quantizer):
         if self.training and self._needs_init:
             self._kmeans_init(x.detach())
         residual, total, idxs, commit, book = x.detach(), None, [], [], []
-        for s in range(cfg.depth):
+        for s in range(cfg.codes_per_token):
             cb = self._book(s)
             idx = nearest_code(residual[None], cb.detach()[None], "euclidean", cfg.search_budget)[0]
             e = cb[idx]
@@ -95,15 +97,15 @@ class RQ(Quantizer):
         losses = {"commitment": torch.stack(commit).mean(), "codebook": torch.stack(book).mean()}
         metrics = usage_metrics(code_counts(idx, cfg.codebook_size))
         out = straight_through(x, total).reshape(z.shape)
-        return QuantizerOutput(out, idx.reshape(*z.shape[:-1], cfg.depth), losses, metrics)
+        return QuantizerOutput(out, idx.reshape(*z.shape[:-1], cfg.codes_per_token), losses, metrics)
 
     def loss_weights(self) -> dict[str, float]:
-        return {"commitment": self.cfg.commitment, "codebook": 1.0}
+        return {"commitment": self.cfg.commitment_weight, "codebook": self.cfg.codebook_weight}
 
     def indices_to_codes(self, indices: Tensor, depth: int | None = None) -> Tensor:
         """Sum of the first ``depth`` (default all) stages' entries, in stage order (as in ``quantize``)."""
         total = None
-        for s in range(depth or self.cfg.depth):
+        for s in range(depth or self.cfg.codes_per_token):
             e = self._book(s)[indices[..., s]]
             total = e if total is None else total + e
         return total

@@ -8,9 +8,9 @@ concatenated; vocabulary K^n. Latent chunks and codes are l2-normalised (cosine 
 codebook is learned by gradient, the VQ loss is averaged over the sub-codebooks.
 
 ``mcq`` config fields are PER SUB-CODEBOOK: ``codebook_size`` entries of width ``code_dim`` each,
-latent width ``n_codebooks * code_dim``. UniTok's official code states TOTALS instead
+latent width ``codes_per_token * code_dim``. UniTok's official code states TOTALS instead
 (``vocab_size``/``vocab_width`` over all sub-codebooks): its final model (vocab_size 32768,
-vocab_width 64, 8 codebooks) is ``{type: mcq, n_codebooks: 8, codebook_size: 4096, code_dim: 8}``.
+vocab_width 64, 8 codebooks) is ``{type: mcq, codes_per_token: 8, codebook_size: 4096, code_dim: 8}``.
 ``vq`` is ``mcq`` with one codebook (same code path, same parameters, same random draws).
 
 Optional entropy loss (``entropy_weight > 0``; off by default), as UniTok's quantizer
@@ -44,7 +44,8 @@ from plugins.quantizers._common import (
 class _CodebookConfig(QuantizerConfig):
     codebook_size: int = Field(1024, gt=1)  # entries in each (sub-)codebook
     code_dim: int = Field(16, gt=0)  # width of each code (per sub-codebook)
-    commitment: float = Field(0.25, ge=0)  # beta, paper weight of mse(z, sg(q)); the codebook term has weight 1
+    commitment_weight: float = Field(0.25, ge=0)  # beta, paper weight of mse(z, sg(q))
+    codebook_weight: float = Field(1.0, ge=0)  # weight of mse(q, sg(z)) (codebook_update=gradient; VQ-VAE: 1)
     distance: Literal["cosine", "euclidean"] = "cosine"  # cosine: l2-normalise latent and codes (UniTok)
     codebook_update: Literal["gradient", "ema"] = "gradient"  # gradient: codebook loss (UniTok); ema: running means
     ema_decay: float = Field(0.99, gt=0, lt=1)  # decay of the EMA codebook statistics (codebook_update=ema)
@@ -66,17 +67,17 @@ class VQConfig(_CodebookConfig):
         return self.code_dim
 
     @property
-    def n_codebooks(self) -> int:
+    def codes_per_token(self) -> int:
         return 1
 
 
 class MCQConfig(_CodebookConfig):
     type: Literal["mcq"] = "mcq"
-    n_codebooks: int = Field(8, ge=1)  # n sub-codebooks; the latent is split into n equal chunks
+    codes_per_token: int = Field(8, ge=1)  # n sub-codebooks; the latent is split into n equal chunks
 
     @property
     def latent_dim(self) -> int:
-        return self.n_codebooks * self.code_dim
+        return self.codes_per_token * self.code_dim
 
 
 class MCQ(Quantizer):
@@ -93,7 +94,7 @@ class MCQ(Quantizer):
     def __init__(self, cfg: _CodebookConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        n, k, d = cfg.n_codebooks, cfg.codebook_size, cfg.code_dim
+        n, k, d = cfg.codes_per_token, cfg.codebook_size, cfg.code_dim
         bound = d**-0.5 / 36  # UniTok's codebook init
         self.codebook = nn.Parameter(torch.empty(n, k, d).uniform_(-bound, bound),
                                      requires_grad=cfg.codebook_update == "gradient")
@@ -164,7 +165,7 @@ class MCQ(Quantizer):
     # ---- contract -----------------------------------------------------------------------------
     def quantize(self, z: Tensor) -> QuantizerOutput:
         cfg = self.cfg
-        x = z.reshape(-1, cfg.n_codebooks, cfg.code_dim).transpose(0, 1)  # (n, M, d)
+        x = z.reshape(-1, cfg.codes_per_token, cfg.code_dim).transpose(0, 1)  # (n, M, d)
         if cfg.distance == "cosine":
             x = F.normalize(x, dim=-1)
         if self.training and self._needs_init:
@@ -184,25 +185,25 @@ class MCQ(Quantizer):
             if cfg.dead_code_threshold > 0:
                 self._restart_dead(x.detach(), counts)
         out = straight_through(x, q).transpose(0, 1).reshape(z.shape)
-        return QuantizerOutput(out, idx.t().reshape(*z.shape[:-1], cfg.n_codebooks), losses, usage_metrics(counts))
+        return QuantizerOutput(out, idx.t().reshape(*z.shape[:-1], cfg.codes_per_token), losses, usage_metrics(counts))
 
     def loss_weights(self) -> dict[str, float]:
-        weights = {"commitment": self.cfg.commitment}
+        weights = {"commitment": self.cfg.commitment_weight}
         if self.cfg.codebook_update == "gradient":
-            weights["codebook"] = 1.0
+            weights["codebook"] = self.cfg.codebook_weight
         if self.cfg.entropy_weight > 0:
             weights["entropy"] = self.cfg.entropy_weight
         return weights
 
     def indices_to_codes(self, indices: Tensor) -> Tensor:
-        n = self.cfg.n_codebooks
+        n = self.cfg.codes_per_token
         flat = indices.reshape(-1, n).t()  # (n, M)
         q = gather_codes(self._codes(), flat).transpose(0, 1)
         return q.reshape(*indices.shape[:-1], n * self.cfg.code_dim)
 
 
 class VQ(MCQ):
-    """Single-codebook VQ (``mcq`` with n_codebooks=1): cosine or Euclidean, gradient or EMA codebook."""
+    """Single-codebook VQ (``mcq`` with codes_per_token=1): cosine or Euclidean, gradient or EMA codebook."""
 
     Config = VQConfig
 
