@@ -393,11 +393,14 @@ def train(exp: Any, reg: Registry | None = None, *, built: Built | None = None, 
             with dist.local_only():
                 metrics = evaluate(model, built.evaluators, ev_loader, autocast)
             tracker.log_metrics(metrics, step)
+            files = [f for ev in built.evaluators for f in getattr(ev, "save_artifacts", lambda *a: [])(run_dir, step)]
             if run_id:
                 with dist.local_only():
                     grid = save_recon_grid(model, ev_loader, run_dir / f"recon_{step:08d}.png")
                 tracker.flush()
                 tracker.log_artifact(grid, "reconstructions")
+                for path, where in files:
+                    tracker.log_artifact(path, where)
             if on_eval is not None:
                 on_eval(step, metrics)
         dist.barrier()
