@@ -394,12 +394,16 @@ class Generation(Evaluator):
 
     def fit(self, model: Any, train_set: Any) -> Bundle:
         """Encode the train split and train a prior on it."""
-        layout = self.layout(model)
-        names = list(getattr(train_set, "class_names", []) or [])
+        self.layout(model)
         indices, labels = self.encode(model, train_set, self.cfg.train_images)
-        n_classes = max(len(names), int(labels.max()) + 1)
+        return self.train_on(model, indices, labels, list(getattr(train_set, "class_names", []) or []))
+
+    def train_on(self, model: Any, indices: Tensor, labels: Tensor, class_names: list[str]) -> Bundle:
+        """Train a prior on indices ``(M, N, K)`` with labels ``(M,)``."""
+        layout = self.layout(model)
+        n_classes = max(len(class_names), int(labels.max()) + 1)
         prior = train_prior(layout.to_targets(indices), labels, layout.sizes, n_classes, self.cfg, device_of(model))
-        return Bundle(prior, layout, names or [str(i) for i in range(n_classes)])
+        return Bundle(prior, layout, class_names or [str(i) for i in range(n_classes)])
 
     @torch.no_grad()
     def sample_images(self, bundle: Bundle, model: Any, labels: Tensor, cfg_scale: float, seed: int = 0,
