@@ -8,7 +8,9 @@ prior, sampling ``--n`` images with guidance through the KV cache (decoding incl
 line is prior training + sampling (the issue's "<= 2 minutes for 1,000 images on 2 cores"); with
 encoding it is the evaluator's whole cost before the FD. The speed-up compares the cached and the
 uncached sampler on the same ``--compare-n`` images in the same process (same guidance, same seed:
-they draw the same tokens). The load average is printed: on a shared machine the times are upper
+they draw the same tokens up to rounding: the two compute logits with differently shaped matrix
+products, ~1e-6 apart, so a uniform landing that close to a CDF boundary picks the neighbouring code
+and that image's later tokens diverge; the share of identical images is printed). The load average is printed: on a shared machine the times are upper
 bounds. The evaluator is taken from the plugin registry (core never imports a plugin).
 """
 from __future__ import annotations
@@ -85,7 +87,8 @@ def bench_one(path: str, args: argparse.Namespace, tmp: str) -> dict[str, Any]:
             "train_images": len(indices), "encode_s": t_encode, "train_s": t_train, f"sample_{args.n}_s": t_sample,
             "train_plus_sample_s": t_train + t_sample, "with_encode_s": t_encode + t_train + t_sample,
             "compare_n": len(small), "cached_s": t_cached, "uncached_s": t_uncached,
-            "kv_speedup": t_uncached / max(t_cached, 1e-9), "same_tokens": bool(torch.equal(idx_c, idx_u)),
+            "kv_speedup": t_uncached / max(t_cached, 1e-9),
+            "same_images": float((idx_c == idx_u).flatten(1).all(1).float().mean()),
             "load_avg_1min": os.getloadavg()[0]}
 
 
@@ -102,8 +105,7 @@ def bench_generation(args: argparse.Namespace) -> int:
             print(f"{r['experiment']:<12} {r['quantizer']:<9} {heads:<14} {r['encode_s']:>6.1f}s {r['train_s']:>6.1f}s "
                   f"{r[f'sample_{args.n}_s']:>9.1f}s {r['train_plus_sample_s']:>12.1f}s "
                   f"{r['kv_speedup']:>11.1f}x {r['load_avg_1min']:>5.1f}", flush=True)
-            if not r["same_tokens"]:
-                print(f"  warning: cached and uncached samplers drew different tokens for {r['experiment']}")
+            print(f"  {r['experiment']}: {100 * r['same_images']:.0f}% of the {r['compare_n']} images identical from both samplers")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0

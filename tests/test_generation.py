@@ -167,9 +167,8 @@ def test_bits_per_image_of_a_uniform_prior_is_the_token_capacity():
     layout = HeadLayout([[7, 5], [3]])
     p = Prior(layout.sizes, 6, 3, width=32, depth=1, heads=4)
     with torch.no_grad():
-        for lin in p.out:
-            lin.weight.zero_()
-            lin.bias.zero_()
+        p.out.weight.zero_()
+        p.out.bias.zero_()
     gen = Generation(GenerationConfig())
     idx = torch.stack([torch.randint(0, 35, (10, 6)), torch.randint(0, 3, (10, 6))], -1)
     bits = gen.bits_per_image(Bundle(p, layout, []), idx, torch.randint(0, 3, (10,)), torch.device("cpu"))
@@ -268,15 +267,37 @@ def _gen_eval(**kw):
             "grid_per_class": 2, "train_images": 32, "extractor": "reference", "ref_width": 8, "ref_steps": 2, **kw}
 
 
-def test_trainer_saves_the_prior_and_grid_and_core_generate_reuses_it(in_tmp, monkeypatch, capsys):
-    from core import generate
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A tiny tracked run whose eval list holds a generation evaluator (module-wide: trained once)."""
+    import os
+
     from core.config import validate
     from core.trainer import train
     from conftest import tiny_experiment
 
-    monkeypatch.setenv("VTOK_CACHE", str(in_tmp / "cache"))
-    exp = validate(tiny_experiment(eval=[{"type": "psnr_ssim"}, _gen_eval()], **{"tracking.enabled": True}))
-    result = train(exp)
+    d = tmp_path_factory.mktemp("gen_run")
+    old = os.getcwd()
+    saved = {k: os.environ.get(k) for k in ("VTOK_CACHE", "MLFLOW_TRACKING_URI")}
+    os.chdir(d)
+    os.environ["VTOK_CACHE"] = str(d / "cache")
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    try:
+        exp = validate(tiny_experiment(eval=[{"type": "psnr_ssim"}, _gen_eval()], **{"tracking.enabled": True}))
+        yield d, train(exp)
+    finally:
+        os.chdir(old)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def test_trainer_saves_the_prior_and_grid_and_core_generate_reuses_it(trained_run, tmp_path, monkeypatch):
+    from core import generate
+
+    d, result = trained_run
     assert {"gfd_refnet", "gfd_refnet_nocfg", "prior_bits_per_image"} <= set(result.metrics)
     prior_file = result.run_dir / "generation" / "prior.safetensors"
     assert prior_file.is_file() and (result.run_dir / "generation" / "samples_00000006.png").is_file()
@@ -284,23 +305,23 @@ def test_trainer_saves_the_prior_and_grid_and_core_generate_reuses_it(in_tmp, mo
 
     from core.tracking import resolve_uri
 
-    arts = [a.path for a in MlflowClient(resolve_uri(None)).list_artifacts(result.run_id, "generation")]
+    arts = [a.path for a in MlflowClient(resolve_uri(f"sqlite:///{d / 'mlflow.db'}")).list_artifacts(result.run_id, "generation")]
     assert arts == ["generation/samples_00000006.png"]
 
     def no_fit(*a, **k):
         raise AssertionError("the saved prior should have been reused")
 
     monkeypatch.setattr(Generation, "fit", no_fit)
-    out = in_tmp / "grid.png"
+    out = tmp_path / "grid.png"
     assert generate.main(["--run", str(result.run_dir), "--class", "circle", "--n", "4", "--cfg", "2.0", "--out", str(out)]) == 0
     assert out.is_file()
-    st = in_tmp / "s.safetensors"
+    st = tmp_path / "s.safetensors"
     assert generate.main(["--run", str(result.run_dir), "--class", "0", "--n", "3", "--out", str(st), "--seed", "4"]) == 0
     from safetensors.torch import load_file
 
     imgs = load_file(str(st))["images"]
     assert imgs.shape == (3, 3, 16, 16) and imgs.abs().max() <= 1
-    st2 = in_tmp / "s2.safetensors"
+    st2 = tmp_path / "s2.safetensors"
     assert generate.main(["--run", str(result.run_dir), "--class", "0", "--n", "3", "--out", str(st2), "--seed", "4"]) == 0
     assert torch.equal(load_file(str(st2))["images"], imgs)  # same seed, same samples
 
@@ -333,15 +354,12 @@ def test_core_generate_trains_and_saves_a_missing_prior_once(in_tmp, monkeypatch
     (["--class", "circle", "--n", "0"], "--n"),
     (["--class", "circle", "--prior", "missing.safetensors"], "--prior"),
 ])
-def test_core_generate_bad_input_is_one_error_line(in_tmp, capsys, extra, where):
+def test_core_generate_bad_input_is_one_error_line(trained_run, tmp_path, capsys, extra, where):
     from core import generate
-    from core.config import validate
-    from core.trainer import train
-    from conftest import tiny_experiment
 
-    result = train(validate(tiny_experiment(eval=[{"type": "psnr_ssim"}, _gen_eval()])))
+    _, result = trained_run
     capsys.readouterr()
-    assert generate.main(["--run", str(result.run_dir), "--out", str(in_tmp / "x.png"), *extra]) == 2
+    assert generate.main(["--run", str(result.run_dir), "--out", str(tmp_path / "x.png"), *extra]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {where}"), err
-    assert not (in_tmp / "x.png").exists()
+    assert not (tmp_path / "x.png").exists()

@@ -194,12 +194,15 @@ class Prior(nn.Module):
         self.sizes, self.n_tokens, self.n_classes, self.sequential = list(sizes), n_tokens, n_classes, sequential
         self.hparams = {"sizes": list(sizes), "n_tokens": n_tokens, "n_classes": n_classes, "width": width,
                         "depth": depth, "heads": heads, "mlp_ratio": mlp_ratio, "sequential": sequential}
-        self.tok = nn.ModuleList(nn.Embedding(s, width) for s in sizes)
+        # one table for all heads (head h's rows start at offsets[h]): one lookup, one backward
+        self.tok = nn.Embedding(sum(sizes), width)
+        self.register_buffer("offsets", torch.tensor([0, *sizes[:-1]]).cumsum(0), persistent=False)
         self.cls = nn.Embedding(n_classes + 1, width)  # index n_classes: the null class (guidance)
         self.pos = nn.Parameter(torch.randn(n_tokens, width) * 0.02)
         self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(width)
-        self.out = nn.ModuleList(nn.Linear(width, s) for s in sizes)
+        # parallel: one fused projection to every head's logits; sequential: one per head
+        self.out = nn.ModuleList(nn.Linear(width, s) for s in sizes) if sequential else nn.Linear(width, sum(sizes))
         if sequential:
             self.intra = nn.ModuleList(nn.Embedding(s, width) for s in sizes[:-1])
             self.head_norm = nn.ModuleList(nn.LayerNorm(width) for _ in sizes)
@@ -215,7 +218,7 @@ class Prior(nn.Module):
 
     def embed(self, targets: Tensor) -> Tensor:
         """``(B, T, H)`` -> ``(B, T, width)``: the sum of the heads' embeddings."""
-        return sum(emb(targets[..., h]) for h, emb in enumerate(self.tok))
+        return self.tok(targets + self.offsets).sum(-2)
 
     def inputs(self, labels: Tensor, targets: Tensor) -> Tensor:
         """[class token, x_0 .. x_{T-1}] + positions, ``(B, T + 1, width)`` (T < n_tokens)."""
@@ -233,7 +236,8 @@ class Prior(nn.Module):
         """Logits of head k from hidden ``h`` (..., width); ``previous`` (..., >= k) the sub-codes
         before k of the same position (used by the sequential factorisation)."""
         if not self.sequential:
-            return self.out[k](h)
+            lo = int(self.offsets[k])
+            return F.linear(h, self.out.weight[lo:lo + self.sizes[k]], self.out.bias[lo:lo + self.sizes[k]])
         if k and previous is not None:
             h = h + sum(self.intra[j](previous[..., j]) for j in range(k))
         return self.out[k](self.head_norm[k](h))
@@ -241,6 +245,8 @@ class Prior(nn.Module):
     def forward(self, labels: Tensor, targets: Tensor) -> list[Tensor]:
         """Teacher-forced logits per head, each ``(B, N, size_h)``, for ``targets`` ``(B, N, H)``."""
         h = self.hidden(labels, targets[:, :-1])
+        if not self.sequential:
+            return list(self.out(h).split(self.sizes, -1))
         return [self.head_logits(h, k, targets) for k in range(len(self.sizes))]
 
     def nll(self, labels: Tensor, targets: Tensor) -> Tensor:
