@@ -363,3 +363,24 @@ def test_core_generate_bad_input_is_one_error_line(trained_run, tmp_path, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {where}"), err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_a_prior_for_another_tokenizer_is_refused(tmp_path):
+    from core.errors import ConfigError
+    from plugins.evaluators.generation import load_prior, save_prior
+
+    model = _tiny_tokenizer()  # 4x4 tokens, one 32-way head
+    ok = tmp_path / "ok.safetensors"
+    save_prior(Bundle(Prior([32], 16, 2, width=16, depth=1, heads=2), HeadLayout([[32]]), ["a", "b"]), ok)
+    bundle, _ = load_prior(ok, model)
+    assert bundle.class_names == ["a", "b"] and bundle.prior.sizes == [32]
+    for name, prior, layout in [("grid", Prior([32], 9, 2, width=16, depth=1, heads=2), HeadLayout([[32]])),
+                                ("heads", Prior([16, 2], 16, 2, width=16, depth=1, heads=2), HeadLayout([[16, 2]]))]:
+        bad = tmp_path / f"{name}.safetensors"
+        save_prior(Bundle(prior, layout, ["a", "b"]), bad)
+        with pytest.raises(ConfigError, match="the tokenizer has 16 tokens with heads"):
+            load_prior(bad, model)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file")
+    with pytest.raises(ConfigError, match="not a vtok prior file"):
+        load_prior(junk, model)
