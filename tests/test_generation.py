@@ -326,6 +326,7 @@ def test_trainer_saves_the_prior_and_grid_and_core_generate_reuses_it(trained_ru
     assert torch.equal(load_file(str(st2))["images"], imgs)  # same seed, same samples
 
 
+@pytest.mark.slow
 def test_core_generate_trains_and_saves_a_missing_prior_once(in_tmp, monkeypatch):
     from core import generate
     from core.config import validate
