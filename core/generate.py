@@ -36,11 +36,11 @@ PRIOR_FILE = Path("generation") / "prior.safetensors"
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m core.generate", description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(prog="python -m core.generate", description="sample images of one class from a trained tokenizer and its prior",
                                 epilog="example: python -m core.generate --run runs/quickstart-0123abcd --class circle --n 16 --out circles.png")
     p.add_argument("--run", required=True, help="run directory, checkpoint directory or MLflow run id")
     p.add_argument("--prior", help="prior .safetensors (default: <run>/generation/prior.safetensors, trained when missing)")
-    p.add_argument("--class", dest="cls", required=True, help="class name of the run's dataset, or its index")
+    p.add_argument("--class", dest="cls", required=True, metavar="NAME", help="class name of the run's dataset, or its index")
     p.add_argument("--n", type=int, default=64, help="images to sample")
     p.add_argument("--cfg", type=float, default=None, help="guidance scale (>= 1; 1: none; default: the evaluator's cfg_scale)")
     p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the evaluator's)")
