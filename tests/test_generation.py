@@ -385,3 +385,13 @@ def test_a_prior_for_another_tokenizer_is_refused(tmp_path):
     junk.write_bytes(b"not a safetensors file")
     with pytest.raises(ConfigError, match="not a vtok prior file"):
         load_prior(junk, model)
+
+
+def test_config_refuses_guidance_without_label_dropout_and_bad_heads():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="needs label_dropout > 0"):
+        GenerationConfig(cfg_scale=2.0, label_dropout=0.0)
+    GenerationConfig(cfg_scale=1.0, label_dropout=0.0)
+    with pytest.raises(ValidationError, match="3 heads do not divide the width 64"):
+        GenerationConfig(width=64, heads=3)

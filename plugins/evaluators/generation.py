@@ -49,7 +49,7 @@ from typing import Any, Literal, Optional
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from core.errors import ConfigError
@@ -88,6 +88,14 @@ class GenerationConfig(FeatureSpaceConfig):
     sample_batch_size: int = Field(256, gt=0)  # images sampled at once
     kv_cache: bool = True  # key/value cache while sampling (False: recompute the prefix each step)
     seed: int = 0  # prior initialisation, batches, label dropout and sampling
+
+    @model_validator(mode="after")
+    def _guidance_needs_a_null_class(self) -> "GenerationConfig":
+        if self.cfg_scale != 1.0 and self.label_dropout == 0:
+            raise ValueError("cfg_scale > 1 needs label_dropout > 0 (the null class guidance contrasts with is never trained)")
+        if self.width % self.heads:
+            raise ValueError(f"{self.heads} heads do not divide the width {self.width}")
+        return self
 
 
 # ---- head layout ---------------------------------------------------------------------------------
