@@ -33,7 +33,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--experiment", action="append", help=f"experiment file (repeatable; default: {', '.join(DEFAULT_EXPERIMENTS)})")
     p.add_argument("--tokenizer-steps", type=int, default=100, help="steps of the (untimed) tokenizer training")
     p.add_argument("--n", type=int, default=1000, help="images sampled with guidance through the KV cache")
-    p.add_argument("--compare-n", type=int, default=64, help="images sampled by both samplers for the speed-up")
+    p.add_argument("--compare-n", type=int, default=256, help="images sampled by both samplers for the speed-up")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="generation evaluator config overrides")
     p.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
