@@ -286,6 +286,14 @@ class Quantizer(Component, nn.Module):
         """int64 ``(B, N, K)`` -> quantized latent ``(B, N, D)``, equal to ``quantized`` in eval mode."""
         raise NotImplementedError
 
+    def index_radices(self) -> list[list[int]]:
+        """Per K-slot, the mixed-radix digit sizes of its index, least significant first:
+        ``index = sum_j digit_j prod_{i<j} r_i`` with ``prod_j r_j == codebook_sizes[k]``. A binary
+        index (LFQ, BSQ, a GQ group) is ``[2] * bits`` whatever its bit order; FSQ's is its levels.
+        A generator reads it to split a huge slot into several small softmax heads. Default: one
+        digit per slot."""
+        return [[int(n)] for n in self.codebook_sizes]
+
 
 # --------------------------------------------------------------------------------------------
 # Loss
@@ -373,6 +381,12 @@ class Evaluator(Component):
 
     def evaluate(self, model: nn.Module, loader: torch.utils.data.DataLoader) -> dict[str, float]:  # pragma: no cover
         raise NotImplementedError
+
+    def save_artifacts(self, run_dir: Any, step: int) -> list[tuple[Any, str]]:
+        """Optional: write files kept from the last ``evaluate`` (sample grids, a trained model) under
+        the run directory ``run_dir`` and return ``(path, MLflow artifact directory)`` pairs to log.
+        The trainer calls it on rank 0 after each evaluation at ``step``. Default: nothing."""
+        return []
 
 
 class DatasetConfig(ComponentConfig):

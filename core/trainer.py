@@ -400,10 +400,13 @@ def train(exp: Any, reg: Registry | None = None, *, built: Built | None = None, 
             with dist.local_only():
                 metrics = evaluate(model, built.evaluators, ev_loader, autocast)
             tracker.log_metrics(metrics, step)
+            files = [f for ev in built.evaluators for f in getattr(ev, "save_artifacts", lambda *a: [])(run_dir, step)]
             if run_id:
                 tracker.flush()
                 with dist.local_only():
                     log_eval_figures(tracker, model, ev_loader, run_dir, step, usage_history)
+                for path, where in files:
+                    tracker.log_artifact(path, where)
             if on_eval is not None:
                 on_eval(step, metrics)
         dist.barrier()

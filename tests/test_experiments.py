@@ -24,7 +24,9 @@ def tiny_overrides(raw: dict, out: Path) -> list[str]:
     """2 steps, small eval, no tracking, one seed; the fd reference net trains 2 steps."""
     o = ["train.steps=2", "train.batch_size=8", "train.eval_size=32", "train.eval_batch_size=32",
          "train.eval_every=0", "tracking.enabled=false", f"train.out_dir={out / 'runs'}"]
-    o += [f"eval.{i}.reference.steps=2" for i, e in enumerate(raw.get("eval", [])) if e.get("type") == "fd"]
+    o += [f"eval.{i}.reference.steps=2" for i, e in enumerate(raw.get("eval", [])) if e.get("type") in ("fd", "generation")]
+    o += [f"eval.{i}.{k}" for i, e in enumerate(raw.get("eval", [])) if e.get("type") == "generation"
+          for k in ("steps=2", "train_images=16", "n_samples=8", "grid_per_class=1")]
     if "sweep" in raw:
         o += ["sweep.seeds=[0]", "sweep.workers=1", "sweep.threads_per_worker=1", f"sweep.storage={out / 'journal.log'}"]
         if raw["sweep"].get("sampler") == "tpe":
@@ -85,7 +87,7 @@ def test_every_experiment_validates_with_its_cells_and_claims(workdir, path):
 def _metric_names(exp) -> set[str]:
     names = {"psnr_ssim": {"psnr", "ssim"}, "fd": {"fd_refnet", "rfid"}, "zero_shot": {"zero_shot_top1", "zero_shot_top5"},
              "linear_probe": {"linear_probe_top1"}, "usage": {"usage", "usage_freq", "perplexity", "usage_min", "dead_codes", "bits_used"},
-             "lpips": {"lpips"}}
+             "lpips": {"lpips"}, "generation": {"gfd_refnet", "gfid", "gfd_refnet_nocfg", "gfid_nocfg", "prior_bits_per_image"}}
     return set().union(*(names.get(e.type, set()) for e in exp.eval))
 
 

@@ -46,14 +46,19 @@ class RefNetConfig(VocabModel):
     lr: float = Field(2e-3, gt=0)  # its learning rate
 
 
-class FdConfig(ComponentConfig):
-    type: Literal["fd"] = "fd"
+class FeatureSpaceConfig(ComponentConfig):
+    """The feature space of a Fréchet distance (shared with the generation evaluator's gFD)."""
+
     # auto: rfid when Inception weights are found, else fd_refnet; inception: rfid or fail; reference: fd_refnet
     extractor: Literal["auto", "inception", "reference"] = "auto"
     renamed = {f"ref_{k}": f"reference.{k}" for k in ("width", "image_size", "steps", "batch_size", "lr")}
     weights: Optional[str] = None  # local Inception-v3 file weights-inception-2015-12-05-6726825d.pth
     cache_dir: Optional[str] = None  # default: $VTOK_CACHE or ./.vtok_cache
     reference: RefNetConfig = Field(default_factory=RefNetConfig)  # the fd_refnet extractor
+
+
+class FdConfig(FeatureSpaceConfig):
+    type: Literal["fd"] = "fd"
 
 
 def cache_dir(cfg: FdConfig) -> Path:
@@ -178,6 +183,28 @@ def load_or_train_refnet(ds, cfg: FdConfig) -> RefNet:
     return net
 
 
+# ---- the feature space ------------------------------------------------------------------------
+
+def extractor(cfg: FeatureSpaceConfig, ds) -> tuple[str, nn.Module, bool]:
+    """(space: ``inception`` or ``refnet``, feature module, wants uint8 input) for dataset ``ds``."""
+    weights = find_inception_weights(cfg) if cfg.extractor != "reference" else None
+    if cfg.extractor == "inception" or weights is not None:
+        return "inception", inception(weights or cache_dir(cfg) / INCEPTION_FILE), True
+    return "refnet", load_or_train_refnet(ds, cfg), False
+
+
+def feature_fn(net: nn.Module, uint8: bool, device: torch.device):
+    """images in [-1, 1] -> ``(B, D)`` float features in the extractor's space (fp32, no autocast)."""
+    net = net.to(device)
+
+    def features(images: Tensor) -> Tensor:
+        with no_autocast(device):
+            f = net(to_uint8(images)) if uint8 else net.features(images.float().clamp(-1, 1))
+        return (f[0] if isinstance(f, tuple) else f).float()
+
+    return features
+
+
 # ---- the evaluator ----------------------------------------------------------------------------
 
 class Fd(Evaluator):
@@ -187,11 +214,8 @@ class Fd(Evaluator):
 
     def extractor(self, loader) -> tuple[str, nn.Module, bool]:
         """(metric name, feature function module, wants uint8 input)."""
-        weights = find_inception_weights(self.cfg) if self.cfg.extractor != "reference" else None
-        if self.cfg.extractor == "inception" or weights is not None:
-            return "rfid", inception(weights or cache_dir(self.cfg) / INCEPTION_FILE), True
-        net = load_or_train_refnet(base_dataset(loader), self.cfg)
-        return "fd_refnet", net, False
+        space, net, uint8 = extractor(self.cfg, base_dataset(loader))
+        return ("rfid" if space == "inception" else "fd_refnet"), net, uint8
 
     def evaluate(self, model, loader) -> dict[str, float]:
         name, net, uint8 = self.extractor(loader)

@@ -120,6 +120,9 @@ class BSQ(Quantizer):
         bits = index_to_bits(indices[..., 0], self.cfg.code_dim, self.cfg.bit_order)
         return torch.where(bits, self.scale, -self.scale)
 
+    def index_radices(self) -> list[list[int]]:
+        return [[2] * self.cfg.code_dim]
+
 
 @hookimpl
 def register_quantizers(register):

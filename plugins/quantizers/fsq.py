@@ -96,6 +96,9 @@ class FSQ(Quantizer):
         digits = (indices // self.radix) % levels  # indices (..., 1) broadcast over channels
         return (digits - self.width.long()).float() / self.width
 
+    def index_radices(self) -> list[list[int]]:
+        return [list(self.cfg.levels)]
+
 
 @hookimpl
 def register_quantizers(register):

@@ -139,6 +139,9 @@ class LFQ(Quantizer):
     def indices_to_codes(self, indices: Tensor) -> Tensor:
         return torch.where(index_to_bits(indices[..., 0], self.cfg.code_dim, self.cfg.bit_order), 1.0, -1.0)
 
+    def index_radices(self) -> list[list[int]]:
+        return [[2] * self.cfg.code_dim]
+
 
 class GQ(Quantizer):
     """WeTok group-wise LFQ: g groups of d' sign bits, exact per-group entropies, pooled or per group."""
@@ -180,6 +183,9 @@ class GQ(Quantizer):
     def indices_to_codes(self, indices: Tensor) -> Tensor:
         q = torch.where(index_to_bits(indices, self.cfg.code_dim, self.cfg.bit_order), 1.0, -1.0)
         return q.reshape(*indices.shape[:-1], self.cfg.latent_dim)
+
+    def index_radices(self) -> list[list[int]]:
+        return [[2] * self.cfg.code_dim for _ in range(self.cfg.codes_per_token)]
 
 
 @hookimpl
