@@ -28,7 +28,7 @@ from core.sweep.record import TrialRecord, TrialView
 from core.sweep.space import (Cell, Choices, Range, SweepConfig, cell_label, check_all, check_size, checked_points,
                               compose, count_points, grid_points, parse_sweep, plan, validate_cell)
 from core.sweep.study import open_study, study_name
-from core.sweep.workers import run_trial, run_workers, suggest
+from core.sweep.workers import INTERRUPTED, run_trial, run_workers, suggest
 
 __all__ = ["Cell", "Choices", "Claim", "Paper", "Range", "SweepConfig", "TrialRecord", "TrialView", "cell_label",
            "check_all", "check_paper", "check_size", "checked_points", "compose", "count_points", "grid_points", "main",
@@ -127,8 +127,9 @@ def watch(study: Any, sw: SweepConfig, exp: Any, total: int) -> Any:
         cell = rec.cell or f"#{t.number}"
         return f"{cell} seed {rec.seeds[0]}" if sw.sampler == "grid" and rec.seeds else f"trial {t.number} {cell}"
 
-    def runs_of(t: Any) -> int:
-        return 0 if record(t).not_run else per_trial
+    def runs_of(t: Any) -> int:  # a dropped trial or a cell stopped by Ctrl-C (it resumes) did not land
+        rec = record(t)
+        return 0 if rec.not_run or (t.state.name == "FAIL" and rec.error == INTERRUPTED) else per_trial
 
     done = sum(runs_of(t) for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE")
     progress = SweepProgress(total, min(done, total), sw.objective.metric, bar=exp.train.progress)
