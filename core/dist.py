@@ -1,40 +1,23 @@
 """Tiny torch.distributed helpers, resolved at call time (no-ops when not initialised).
 
-Quantizer statistics (code counts, bit balance) and the trainer's metric means go through these so
-one code path serves a laptop and ``torchrun``. Every tensor handed to a collective lives on the
+The trainer's once-per-logging-step sum of the quantizer statistics (core.quant_stats) and the
+quantizers' algorithmic collectives (EMA sums, k-means / restart broadcasts) go through these so one
+code path serves a laptop and ``torchrun``. Rank 0 evaluating alone issues no collective: evaluation
+reads the quantizer through ``Quantizer.encode`` / eval mode, which runs none. Every tensor handed to a collective lives on the
 training device (NCCL, the backend whenever CUDA is present, reduces only CUDA tensors): the
 statistics derive from the batch, and a tensor made here from a Python value is created on the
 device the caller passes (tests/test_collective_devices.py checks this without a GPU).
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator
-
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 
-_LOCAL_ONLY = False  # set by local_only(): collectives become no-ops (one rank evaluating alone)
-
-
 def is_distributed() -> bool:
-    """True when a process group with more than one rank is initialised (checked on every call)
-    and we are not inside :func:`local_only`."""
-    return not _LOCAL_ONLY and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-@contextmanager
-def local_only() -> Iterator[None]:
-    """Within this block statistics stay local: rank 0 evaluates on its own while the others wait
-    at a barrier, so a quantizer's all-reduce must not be issued."""
-    global _LOCAL_ONLY
-    old, _LOCAL_ONLY = _LOCAL_ONLY, True
-    try:
-        yield
-    finally:
-        _LOCAL_ONLY = old
+    """True when a process group with more than one rank is initialised (checked on every call)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def world_size() -> int:

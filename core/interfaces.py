@@ -231,14 +231,20 @@ class QuantizerOutput:
     indices:   int64 ``(B, N, K)``; K = ``codes_per_token`` (sub-codebooks, residual depth or bit
                groups).
     losses:    term name -> UNWEIGHTED scalar tensor (e.g. ``commitment``, ``codebook``, ``entropy``).
-    metrics:   name -> detached scalar tensor (usage, perplexity, ...). Tensors, not floats: no host
-               sync in the hot path.
+    metrics:   name -> detached scalar tensor of THIS batch on THIS rank (e.g. the entropies
+               ``sample_entropy``, ``codebook_entropy``). Tensors, not floats: no host sync in the
+               hot path.
+    stats:     LOCAL sum-reducible usage statistics (``counts`` ``(n, K)``, ``bit_sums`` ``(d,)``,
+               ``rows``), see :mod:`core.quant_stats`: the trainer sums them over ranks once per
+               logging step and derives ``quant/usage``, ``quant/perplexity``, ``quant/dead_codes``,
+               ``quant/bit_balance`` from them.
     """
 
     quantized: Tensor
     indices: Tensor
     losses: dict[str, Tensor] = field(default_factory=dict)
     metrics: dict[str, Tensor] = field(default_factory=dict)
+    stats: dict[str, Tensor] = field(default_factory=dict)
 
 
 class QuantizerConfig(ComponentConfig):
@@ -255,6 +261,15 @@ class Quantizer(Component, nn.Module):
     Constructed as ``Quantizer(cfg)``. Subclasses implement :meth:`quantize`; :meth:`forward` wraps
     it in an fp32 island (autocast off, input cast to float32) so distances and entropies are
     always computed in fp32. The quantized output is returned in fp32.
+
+    :meth:`encode` is the pure lookup (indices only): no losses, no statistics, no state update, no
+    random draw, no collective -- what tokenization, the model's discrete path and evaluators use
+    (rank 0 can evaluate alone). :meth:`quantize` reports usage as LOCAL statistics
+    (``QuantizerOutput.stats``) and issues no collective for them. The only collectives inside a
+    quantizer are algorithmic, in training mode only: the EMA codebook's per-code sums and counts
+    (``vq``/``mcq`` ``codebook_update: ema``, all-reduce), the k-means initialisation (``vq``/``mcq``/
+    ``rq`` ``kmeans_init``, broadcast from rank 0) and the dead-code restart (``vq``/``mcq``
+    ``dead_code_threshold``: the batch's code counts all-reduced, the new codes broadcast from rank 0).
     """
 
     Config: ClassVar[type[QuantizerConfig]]
@@ -275,6 +290,26 @@ class Quantizer(Component, nn.Module):
 
     def quantize(self, z: Tensor) -> QuantizerOutput:  # pragma: no cover
         raise NotImplementedError
+
+    @torch.no_grad()
+    def encode(self, z: Tensor) -> Tensor:
+        """``(B, N, D)`` latent -> int64 indices ``(B, N, K)``, equal to ``quantize(z).indices`` in eval
+        mode, without losses, statistics, state updates, random draws or collectives. Runs
+        :meth:`lookup` in the same fp32 island as :meth:`forward`."""
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            return self.lookup(z.float())
+
+    def lookup(self, z: Tensor) -> Tensor:
+        """fp32 latent -> indices, the body of :meth:`encode`. Default: :meth:`quantize` in eval mode
+        (the training flags are restored), side-effect free when eval-mode ``quantize`` updates
+        nothing; the built-in quantizers override it with the bare nearest-code lookup."""
+        modes = [(m, m.training) for m in self.modules()]
+        self.train(False)
+        try:
+            return self.quantize(z).indices
+        finally:
+            for m, mode in modes:
+                m.training = mode
 
     def loss_weights(self) -> dict[str, float]:
         """The weight of each reported loss term, from the config's ``<term>_weight`` fields (defaults:

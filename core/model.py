@@ -152,7 +152,7 @@ class Tokenizer(nn.Module):
     def encode(self, images: Tensor) -> Tensor:
         """images -> int64 indices ``(B, N, K)``."""
         latent, _ = self.encoder(images)
-        return self.quantizer(self.project_in(latent)).indices
+        return self.quantizer.encode(self.project_in(latent))
 
     @torch.no_grad()
     def decode(self, indices: Tensor) -> Tensor:
@@ -164,8 +164,10 @@ class Tokenizer(nn.Module):
         """The quantized latent read through the DISCRETE path (images -> indices -> codes), what a
         downstream model sees; for a continuous quantizer (``continuous = True``) the latent itself."""
         latent, _ = self.encoder(images)
-        out = self.quantizer(self.project_in(latent))
-        return out.quantized if self.quantizer.continuous else self.quantizer.indices_to_codes(out.indices)
+        z = self.project_in(latent)
+        if self.quantizer.continuous:
+            return self.quantizer(z).quantized
+        return self.quantizer.indices_to_codes(self.quantizer.encode(z))
 
     @torch.no_grad()
     def image_embed_discrete(self, images: Tensor) -> Tensor:

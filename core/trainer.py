@@ -23,7 +23,7 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, Sampler, Subset
 
-from core import dist
+from core import dist, quant_stats
 from core.checkpoint import (check_resumable, find_latest, load_checkpoint, plugin_generators, restore_rng,
                              save_checkpoint, verify)
 from core.config import config_hash, flatten, to_dict
@@ -397,14 +397,12 @@ def train(exp: Any, reg: Registry | None = None, *, built: Built | None = None, 
     def run_eval(step: int) -> dict[str, float]:
         metrics: dict[str, float] = {}
         if is_main:
-            with dist.local_only():
-                metrics = evaluate(model, built.evaluators, ev_loader, autocast)
+            metrics = evaluate(model, built.evaluators, ev_loader, autocast)
             tracker.log_metrics(metrics, step)
             files = [f for ev in built.evaluators for f in getattr(ev, "save_artifacts", lambda *a: [])(run_dir, step)]
             if run_id:
                 tracker.flush()
-                with dist.local_only():
-                    log_eval_figures(tracker, model, ev_loader, run_dir, step, usage_history)
+                log_eval_figures(tracker, model, ev_loader, run_dir, step, usage_history)
                 for path, where in files:
                     tracker.log_artifact(path, where)
             if on_eval is not None:
@@ -414,6 +412,7 @@ def train(exp: Any, reg: Registry | None = None, *, built: Built | None = None, 
 
     model.train()
     acc: dict[str, list[torch.Tensor]] = {}
+    qsteps: list[torch.Tensor] = []  # per-step flat quantizer statistics of the logging window
     bar = _progress(cfg, start, is_main)
     t_log, n_log = time.perf_counter(), 0
     metrics: dict[str, float] = {}
@@ -462,11 +461,16 @@ def train(exp: Any, reg: Registry | None = None, *, built: Built | None = None, 
                             acc.setdefault(f"aux/{built.labels[i]}/{k}", []).append(v.detach().float())
                 for k, v in logs.items():
                     acc.setdefault(k, []).append(v)
+                qflat, qlayout = quant_stats.flatten(outputs["quant"].stats)  # local usage statistics
+                qsteps.append(qflat)
                 n_log += batch["image"].shape[0] * dist.world_size()
                 done_steps = step + 1
                 if done_steps % cfg.log_every == 0 or done_steps == cfg.steps:
                     now = time.perf_counter()
                     row = dict(zip(acc, torch.stack([torch.stack(v).mean() for v in acc.values()]).tolist()))
+                    # quant/usage etc.: the window's per-step statistics, summed over ranks in ONE collective
+                    row.update({f"quant/{k}": v for k, v in quant_stats.window_metrics(qsteps, qlayout).items()})
+                    qsteps = []
                     row["train/lr"] = sched.get_last_lr()[0]
                     row["train/images_per_s"] = n_log / max(now - t_log, 1e-9)
                     tracker.log_metrics(row, done_steps)

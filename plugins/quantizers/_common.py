@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from core.dist import all_reduce_sum_, broadcast_
+from core.dist import broadcast_
+from core.quant_stats import bit_stats, code_counts, usage_metrics  # noqa: F401  (re-exported)
 
 #: default bound on the elements of one (rows x codes) similarity block: 2^18 floats = 1 MB (stays in L2)
 SEARCH_BUDGET = 1 << 18
@@ -106,48 +107,9 @@ def kmeans(x: Tensor, k: int, iters: int, metric: str, budget: int = SEARCH_BUDG
 
 
 # ----------------------------------------------------------------------------------------------
-# usage statistics (UniTok definition), all-reduced at call time
+# usage statistics: LOCAL sum-reducible counts; core.quant_stats derives usage etc. from them
 # ----------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def code_counts(idx: Tensor, k: int) -> Tensor:
-    """idx ``(M, n)`` codes of n codebooks of size k -> counts ``(n, k)`` summed over ranks.
-
-    ``index_add_`` instead of ``bincount``/``unique``: no data-dependent output size, no host sync.
-    """
-    m, n = idx.shape
-    flat = (idx + torch.arange(n, device=idx.device) * k).reshape(-1)
-    counts = torch.zeros(n * k, device=idx.device).index_add_(0, flat, torch.ones(flat.numel(), device=idx.device))
-    return all_reduce_sum_(counts).view(n, k)
-
-
-@torch.no_grad()
-def usage_metrics(counts: Tensor, per_codebook: bool = True) -> dict[str, Tensor]:
-    """From counts ``(n, K)``: ``usage`` (% of codes with batch frequency > 0.01/K, UniTok),
-    ``perplexity`` (exp of the entropy of the batch code distribution) and ``dead_codes`` (codes
-    never chosen in the batch), each averaged over the n codebooks; ``usage/i`` etc. per codebook
-    when n > 1. Depends on the batch size: log it beside."""
-    k = counts.shape[-1]
-    p = counts / counts.sum(-1, keepdim=True).clamp_min(1)
-    usage = (p > 0.01 / k).float().mean(-1) * 100
-    ppl = torch.exp(-torch.special.xlogy(p, p).sum(-1))
-    dead = (counts == 0).float().sum(-1)
-    out = {"usage": usage.mean(), "perplexity": ppl.mean(), "dead_codes": dead.mean()}
-    if per_codebook and counts.shape[0] > 1:
-        for i in range(counts.shape[0]):
-            out.update({f"usage/{i}": usage[i], f"perplexity/{i}": ppl[i], f"dead_codes/{i}": dead[i]})
-    return out
-
-
-@torch.no_grad()
-def bit_balance(bits: Tensor) -> Tensor:
-    """bits ``(M, d)`` bool -> 1 - mean_i |2 f_i - 1| where f_i is the (all-reduced) frequency of
-    bit i being 1: 1 when every bit is split 50/50, 0 when every bit is constant."""
-    stats = torch.cat([bits.float().sum(0), bits.new_tensor([bits.shape[0]], dtype=torch.float32)])
-    stats = all_reduce_sum_(stats)
-    f = stats[:-1] / stats[-1].clamp_min(1)
-    return 1 - (2 * f - 1).abs().mean()
+#   code_counts (M, n) -> (n, K), bit_stats (M, d) -> {bit_sums, rows}; usage_metrics for direct use
 
 
 # ----------------------------------------------------------------------------------------------

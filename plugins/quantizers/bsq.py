@@ -41,8 +41,8 @@ from torch import Tensor
 from core.hookspecs import hookimpl
 from core.interfaces import Quantizer, QuantizerConfig, QuantizerOutput
 from plugins.quantizers._common import (
-    bit_balance, bits_to_index, code_counts, codebook_entropy_exact, codebook_entropy_grouped, index_to_bits,
-    sample_entropy, straight_through, usage_metrics,
+    bit_stats, bits_to_index, code_counts, codebook_entropy_exact, codebook_entropy_grouped, index_to_bits,
+    sample_entropy, straight_through,
 )
 
 MAX_COUNTED_BITS = 20  # usage over the full 2^d codebook only up to 2^20 codes
@@ -107,11 +107,16 @@ class BSQ(Quantizer):
         commitment = (q - u).pow(2).sum(-1).mean() if cfg.commitment_reduction == "sum" else F.mse_loss(u, q)
         losses = {"commitment": commitment, "entropy": entropy}
         idx = bits_to_index(bits, cfg.bit_order)
-        metrics = {"sample_entropy": h_ps.detach(), "codebook_entropy": h_cb.detach(), "bit_balance": bit_balance(bits)}
+        metrics = {"sample_entropy": h_ps.detach(), "codebook_entropy": h_cb.detach()}
+        stats = bit_stats(bits)
         if cfg.code_dim <= MAX_COUNTED_BITS:
-            metrics.update(usage_metrics(code_counts(idx[:, None], 2**cfg.code_dim)))
+            stats["counts"] = code_counts(idx[:, None], 2**cfg.code_dim)
         out = straight_through(u, q, self.scale if cfg.straight_through == "scaled" else 1.0)
-        return QuantizerOutput(out.reshape(z.shape), idx.reshape(*z.shape[:-1], 1), losses, metrics)
+        return QuantizerOutput(out.reshape(z.shape), idx.reshape(*z.shape[:-1], 1), losses, metrics, stats)
+
+    def lookup(self, z: Tensor) -> Tensor:
+        bits = F.normalize(z.reshape(-1, self.cfg.code_dim), dim=-1) > 0
+        return bits_to_index(bits, self.cfg.bit_order).reshape(*z.shape[:-1], 1)
 
     def loss_weights(self) -> dict[str, float]:
         return {"commitment": self.cfg.commitment_weight, "entropy": self.cfg.entropy_weight}

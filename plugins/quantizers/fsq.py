@@ -29,7 +29,7 @@ from torch import Tensor
 
 from core.hookspecs import hookimpl
 from core.interfaces import Quantizer, QuantizerConfig, QuantizerOutput
-from plugins.quantizers._common import code_counts, straight_through, usage_metrics
+from plugins.quantizers._common import code_counts, straight_through
 
 MAX_COUNTED_CODES = 1 << 20  # usage over the implicit codebook only up to 2^20 codes
 
@@ -81,15 +81,24 @@ class FSQ(Quantizer):
         self.codebook_sizes = [math.prod(cfg.levels)]
         self.bits_per_token = sum(math.log2(n) for n in cfg.levels)
 
-    def quantize(self, z: Tensor) -> QuantizerOutput:
-        bounded = torch.tanh(z + self.shift) * self.half_range - self.offset
-        rounded = straight_through(bounded, torch.round(bounded))
+    def _bound(self, z: Tensor) -> Tensor:
+        return torch.tanh(z + self.shift) * self.half_range - self.offset
+
+    def _index(self, bounded: Tensor) -> Tensor:
         digits = (torch.round(bounded).long() + self.width.long())
-        idx = (digits * self.radix).sum(-1, keepdim=True)
-        metrics = {}
+        return (digits * self.radix).sum(-1, keepdim=True)
+
+    def lookup(self, z: Tensor) -> Tensor:
+        return self._index(self._bound(z))
+
+    def quantize(self, z: Tensor) -> QuantizerOutput:
+        bounded = self._bound(z)
+        rounded = straight_through(bounded, torch.round(bounded))
+        idx = self._index(bounded)
+        stats = {}
         if self.codebook_sizes[0] <= MAX_COUNTED_CODES:
-            metrics = usage_metrics(code_counts(idx.reshape(-1, 1), self.codebook_sizes[0]))
-        return QuantizerOutput(rounded / self.width, idx, {}, metrics)
+            stats["counts"] = code_counts(idx.reshape(-1, 1), self.codebook_sizes[0])
+        return QuantizerOutput(rounded / self.width, idx, {}, {}, stats)
 
     def indices_to_codes(self, indices: Tensor) -> Tensor:
         levels = torch.tensor(self.cfg.levels, device=indices.device)

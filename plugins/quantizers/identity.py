@@ -40,7 +40,10 @@ class Identity(Quantizer):
         self.bits_per_token = 32.0 * cfg.code_dim
 
     def quantize(self, z: Tensor) -> QuantizerOutput:
-        return QuantizerOutput(z, z.new_zeros((*z.shape[:-1], 0), dtype=torch.int64))
+        return QuantizerOutput(z, self.lookup(z))
+
+    def lookup(self, z: Tensor) -> Tensor:
+        return z.new_zeros((*z.shape[:-1], 0), dtype=torch.int64)
 
     def indices_to_codes(self, indices: Tensor) -> Tensor:
         raise RuntimeError("the identity quantizer is continuous: it has no discrete codes (use model.discrete_latent)")

@@ -45,8 +45,8 @@ from torch import Tensor
 from core.hookspecs import hookimpl
 from core.interfaces import Quantizer, QuantizerConfig, QuantizerOutput
 from plugins.quantizers._common import (
-    bit_balance, bit_entropy, bits_to_index, code_counts, code_distribution, codebook_entropy_exact,
-    codebook_entropy_grouped, entropy, index_to_bits, sample_entropy, straight_through, usage_metrics,
+    bit_entropy, bit_stats, bits_to_index, code_counts, code_distribution, codebook_entropy_exact,
+    codebook_entropy_grouped, entropy, index_to_bits, sample_entropy, straight_through,
 )
 
 #: usage over the full implicit codebook is counted only up to this many bits (2^20 floats = 4 MB)
@@ -128,10 +128,15 @@ class LFQ(Quantizer):
         losses = {"commitment": F.mse_loss(x, q),
                   "entropy": cfg.sample_entropy_weight * h_ps - cfg.codebook_entropy_weight * h_cb}
         idx = bits_to_index(bits, cfg.bit_order)
-        metrics = {"sample_entropy": h_ps.detach(), "codebook_entropy": h_cb.detach(), "bit_balance": bit_balance(bits)}
+        metrics = {"sample_entropy": h_ps.detach(), "codebook_entropy": h_cb.detach()}
+        stats = bit_stats(bits)
         if cfg.code_dim <= MAX_COUNTED_BITS:
-            metrics.update(usage_metrics(code_counts(idx[:, None], 2**cfg.code_dim)))
-        return QuantizerOutput(straight_through(x, q).reshape(z.shape), idx.reshape(*z.shape[:-1], 1), losses, metrics)
+            stats["counts"] = code_counts(idx[:, None], 2**cfg.code_dim)
+        return QuantizerOutput(straight_through(x, q).reshape(z.shape), idx.reshape(*z.shape[:-1], 1), losses, metrics,
+                               stats)
+
+    def lookup(self, z: Tensor) -> Tensor:
+        return bits_to_index(z.reshape(-1, self.cfg.code_dim) > 0, self.cfg.bit_order).reshape(*z.shape[:-1], 1)
 
     def loss_weights(self) -> dict[str, float]:
         return {"commitment": self.cfg.commitment_weight, "entropy": self.cfg.entropy_weight}
@@ -171,11 +176,14 @@ class GQ(Quantizer):
         losses = {"commitment": F.mse_loss(x, q),
                   "entropy": cfg.sample_entropy_weight * h_ps - cfg.codebook_entropy_weight * h_cb}
         idx = bits_to_index(bits, cfg.bit_order)  # (M, g)
-        metrics = {"sample_entropy": h_ps.detach(), "codebook_entropy": h_cb.detach(),
-                   "bit_balance": bit_balance(bits.reshape(x.shape[0], -1))}
-        metrics.update(usage_metrics(code_counts(idx, 2**cfg.code_dim)))
+        metrics = {"sample_entropy": h_ps.detach(), "codebook_entropy": h_cb.detach()}
+        stats = {**bit_stats(bits.reshape(x.shape[0], -1)), "counts": code_counts(idx, 2**cfg.code_dim)}
         out = straight_through(x, q).reshape(z.shape)
-        return QuantizerOutput(out, idx.reshape(*z.shape[:-1], cfg.codes_per_token), losses, metrics)
+        return QuantizerOutput(out, idx.reshape(*z.shape[:-1], cfg.codes_per_token), losses, metrics, stats)
+
+    def lookup(self, z: Tensor) -> Tensor:
+        bits = z.reshape(-1, self.cfg.codes_per_token, self.cfg.code_dim) > 0
+        return bits_to_index(bits, self.cfg.bit_order).reshape(*z.shape[:-1], self.cfg.codes_per_token)
 
     def loss_weights(self) -> dict[str, float]:
         return {"commitment": self.cfg.commitment_weight, "entropy": self.cfg.entropy_weight}

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from core.hookspecs import hookimpl
 from core.interfaces import Quantizer, QuantizerConfig, QuantizerOutput
-from plugins.quantizers._common import SEARCH_BUDGET, code_counts, kmeans, nearest_code, straight_through, usage_metrics
+from plugins.quantizers._common import SEARCH_BUDGET, code_counts, kmeans, nearest_code, straight_through
 
 
 class RQConfig(QuantizerConfig):
@@ -76,11 +76,24 @@ class RQ(Quantizer):
         self.initted.fill_(True)
         self._needs_init = False
 
+    def _rows(self, z: Tensor) -> Tensor:
+        x = z.reshape(-1, self.cfg.code_dim)
+        return F.normalize(x, dim=-1) if self.cfg.l2_normalize == "input" else x
+
+    def lookup(self, z: Tensor) -> Tensor:
+        """Stage by stage as :meth:`quantize` (same subtraction order, so the same indices)."""
+        cfg = self.cfg
+        residual, idxs = self._rows(z), []
+        for s in range(cfg.codes_per_token):
+            cb = self._book(s).detach()
+            idx = nearest_code(residual[None], cb[None], "euclidean", cfg.search_budget)[0]
+            residual = residual - cb[idx]
+            idxs.append(idx)
+        return torch.stack(idxs, -1).reshape(*z.shape[:-1], cfg.codes_per_token)
+
     def quantize(self, z: Tensor) -> QuantizerOutput:
         cfg = self.cfg
-        x = z.reshape(-1, cfg.code_dim)
-        if cfg.l2_normalize == "input":
-            x = F.normalize(x, dim=-1)
+        x = self._rows(z)
         if self.training and self._needs_init:
             self._kmeans_init(x.detach())
         residual, total, idxs, commit, book = x.detach(), None, [], [], []
@@ -95,9 +108,9 @@ class RQ(Quantizer):
             idxs.append(idx)
         idx = torch.stack(idxs, -1)
         losses = {"commitment": torch.stack(commit).mean(), "codebook": torch.stack(book).mean()}
-        metrics = usage_metrics(code_counts(idx, cfg.codebook_size))
         out = straight_through(x, total).reshape(z.shape)
-        return QuantizerOutput(out, idx.reshape(*z.shape[:-1], cfg.codes_per_token), losses, metrics)
+        return QuantizerOutput(out, idx.reshape(*z.shape[:-1], cfg.codes_per_token), losses,
+                               stats={"counts": code_counts(idx, cfg.codebook_size)})
 
     def loss_weights(self) -> dict[str, float]:
         return {"commitment": self.cfg.commitment_weight, "codebook": self.cfg.codebook_weight}

@@ -37,7 +37,6 @@ from core.hookspecs import hookimpl
 from core.interfaces import Quantizer, QuantizerConfig, QuantizerOutput
 from plugins.quantizers._common import (
     SEARCH_BUDGET, cluster_sums, code_counts, entropy, gather_codes, kmeans, nearest_code, straight_through,
-    usage_metrics,
 )
 
 
@@ -149,7 +148,9 @@ class MCQ(Quantizer):
 
     @torch.no_grad()
     def _restart_dead(self, x: Tensor, counts: Tensor) -> None:
-        """Replace codes whose EMA batch count < threshold by random batch vectors (torch.where: no sync)."""
+        """Replace codes whose EMA batch count < threshold by random batch vectors (torch.where: no sync).
+        ``counts``: this rank's; the EMA follows the GLOBAL batch count (all-reduced here)."""
+        counts = all_reduce_sum_(counts.clone())
         k, m = self.cfg.codebook_size, x.shape[1]
         fresh = torch.full_like(self.usage_ema, m / k)  # a restarted code starts at the uniform count
         self.usage_ema.copy_(torch.where(self.usage_ema < 0, fresh, self.usage_ema))
@@ -162,12 +163,19 @@ class MCQ(Quantizer):
             self.ema_count.copy_(torch.where(dead, fresh, self.ema_count))
             self.ema_sum.copy_(torch.where(dead.unsqueeze(-1), picks * fresh.unsqueeze(-1), self.ema_sum))
 
+    def _chunks(self, z: Tensor) -> Tensor:
+        """latent ``(..., n d)`` -> the vectors the sub-codebooks quantize ``(n, M, d)``."""
+        x = z.reshape(-1, self.cfg.codes_per_token, self.cfg.code_dim).transpose(0, 1)
+        return F.normalize(x, dim=-1) if self.cfg.distance == "cosine" else x
+
     # ---- contract -----------------------------------------------------------------------------
+    def lookup(self, z: Tensor) -> Tensor:
+        idx = nearest_code(self._chunks(z), self._codes().detach(), self._metric(), self.cfg.search_budget)
+        return idx.t().reshape(*z.shape[:-1], self.cfg.codes_per_token)
+
     def quantize(self, z: Tensor) -> QuantizerOutput:
         cfg = self.cfg
-        x = z.reshape(-1, cfg.codes_per_token, cfg.code_dim).transpose(0, 1)  # (n, M, d)
-        if cfg.distance == "cosine":
-            x = F.normalize(x, dim=-1)
+        x = self._chunks(z)  # (n, M, d)
         if self.training and self._needs_init:
             self._kmeans_init(x.detach())
         codes = self._codes()
@@ -185,7 +193,7 @@ class MCQ(Quantizer):
             if cfg.dead_code_threshold > 0:
                 self._restart_dead(x.detach(), counts)
         out = straight_through(x, q).transpose(0, 1).reshape(z.shape)
-        return QuantizerOutput(out, idx.t().reshape(*z.shape[:-1], cfg.codes_per_token), losses, usage_metrics(counts))
+        return QuantizerOutput(out, idx.t().reshape(*z.shape[:-1], cfg.codes_per_token), losses, stats={"counts": counts})
 
     def loss_weights(self) -> dict[str, float]:
         weights = {"commitment": self.cfg.commitment_weight}
