@@ -251,16 +251,32 @@ def build_report(raw: dict[str, Any], exp: Any, file_raw: dict[str, Any] | None 
 
 
 def report_view(raw: dict[str, Any]) -> Any:
-    """The validated experiment when this machine can validate it; otherwise (a plugin the sweep used
-    is no longer installed) the stored view, which can report a study named by ``sweep.study_name``."""
+    """The validated experiment when this machine can validate it. When it cannot only because a
+    plugin the sweep used is no longer installed, the stored view: the study named by
+    ``sweep.study_name``, or else the experiment's only study in the storage (several: one error
+    listing them). Any other config error stays an error (a typo must not report another study)."""
+    import re
+
     from core.config import validate
 
     try:
         return validate(raw)
     except ConfigError as e:
-        view = stored_view(raw)
-        if view.sweep is None or not view.sweep.study_name:
+        if not re.search(r"unknown \w+ '[^']*' \(registered", str(e)):
             raise
+        view = stored_view(raw)
+        if view.sweep is None:
+            raise
+        if not view.sweep.study_name:
+            from core.sweep import study as st
+
+            st.check_storage(view.sweep.storage_url(), must_exist=True)
+            names = [n for n, _ in st.studies_like(view, view.sweep)]
+            if len(names) != 1:
+                raise ConfigError("sweep.study_name", f"{e.message}; with that plugin missing the study cannot be "
+                                  "identified from the config: name it with sweep.study_name=<name>"
+                                  + (f" (studies of '{view.name}': {', '.join(names)})" if names else "")) from None
+            view.sweep = view.sweep.model_copy(update={"study_name": names[0]})
         print(f"vtok report: the config does not validate here ({e}); reporting the stored study "
               f"'{view.sweep.study_name}' as it was recorded", file=sys.stderr)
         return view
