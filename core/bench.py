@@ -100,56 +100,14 @@ CASES = [
 
 
 # ---------------------------------------------------------------------------------------------
-# naive references (what a direct implementation materialises); only for the benchmark
+# naive references: core/reference_quantizers.py (shared with the numerics tests)
 # ---------------------------------------------------------------------------------------------
 
 
 def _naive(spec: dict[str, Any]) -> Callable:
-    import torch
-    import torch.nn.functional as F
+    from core.reference_quantizers import naive  # imports torch: only in the child process
 
-    fn = spec["fn"]
-    if fn == "vq":
-        n, k, d = spec["n"], spec["k"], spec["d"]
-        cb = torch.nn.Parameter(torch.randn(n, k, d))
-
-        def run(z):
-            x = z.reshape(-1, n, d).transpose(0, 1)
-            x, c = (F.normalize(x, dim=-1), F.normalize(cb, dim=-1)) if spec["cosine"] else (x, cb)
-            idx = torch.bmm(x, c.transpose(1, 2)).argmax(-1)  # the full (n, N, K) matrix
-            q = torch.gather(c, 1, idx.unsqueeze(-1).expand(-1, -1, d))
-            out = x + (q - x).detach()
-            return out.transpose(0, 1).reshape(z.shape), F.mse_loss(x, q.detach()) * 0.25 + F.mse_loss(q, x.detach())
-        run.codebook = cb  # type: ignore[attr-defined]
-        return run
-    if fn == "rq":
-        cbs = torch.nn.Parameter(torch.randn(spec["depth"], spec["k"], spec["d"]))
-
-        def run(z):
-            x = z.reshape(-1, spec["d"])
-            r, total, loss = x.detach(), 0, 0
-            for s in range(spec["depth"]):
-                e = cbs[s][torch.cdist(r, cbs[s].detach()).argmin(-1)]  # full (N, K) distances
-                loss = loss + F.mse_loss(e, r)
-                total, r = total + e, r - e.detach()
-            return (x + (total - x).detach()).reshape(z.shape), loss + F.mse_loss(x, total.detach())
-        return run
-    if fn in ("lfq", "gq"):
-        d = spec["d"]
-        codes = ((torch.arange(2**d)[:, None] >> torch.arange(d)) & 1).float() * 2 - 1
-
-        def entropies(x):  # x (M, d): full softmax over all 2^d codes
-            p = torch.softmax(2 * x @ codes.t() / 0.01, dim=-1)
-            pm = p.mean(0)
-            return -(p * p.clamp_min(1e-30).log()).sum(-1).mean(), -(pm * pm.clamp_min(1e-30).log()).sum()
-
-        def run(z):
-            x = z.reshape(-1, d)  # gq: every (token, group) is a row of one pooled distribution
-            q = torch.where(x > 0, 1.0, -1.0)
-            h_ps, h_cb = entropies(x)
-            return (x + (q - x).detach()).reshape(z.shape), 0.1 * (h_ps - h_cb) + 0.25 * F.mse_loss(x, q)
-        return run
-    raise ValueError(fn)
+    return naive(spec)
 
 
 def _build(kind: str, spec: dict[str, Any]) -> Callable:

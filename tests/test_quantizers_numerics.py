@@ -7,6 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from core.reference_quantizers import brute_entropies, nearest
+from core.reference_quantizers import corners as full_codebook
 from plugins.quantizers import _common as C
 from plugins.quantizers.bsq import BSQ, BSQConfig
 from plugins.quantizers.fsq import FSQ, FSQConfig
@@ -19,19 +21,6 @@ def randn(*shape, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
-def full_codebook(d: int) -> torch.Tensor:
-    """All 2^d corners in {-1, 1}^d, row j = code with little-endian index j."""
-    j = torch.arange(2**d)
-    return ((j[:, None] >> torch.arange(d)) & 1).float() * 2 - 1
-
-
-def brute_entropies(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    p = torch.softmax(logits, dim=-1)
-    h_ps = -(p * p.clamp_min(1e-30).log()).sum(-1).mean()
-    pm = p.mean(0)
-    return h_ps, -(pm * pm.clamp_min(1e-30).log()).sum()
-
-
 # ---- nearest-code search ------------------------------------------------------------------------
 
 
@@ -39,7 +28,7 @@ def brute_entropies(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def test_chunked_search_equals_brute_force(metric):
     x, cb = randn(3, 50, 6, seed=1), randn(3, 1024, 6, seed=2)  # 1024 codes: blocked argmax path
     got = C.nearest_code(x, cb, metric, budget=3 * 1024 * 7)  # 7 rows per chunk: many chunks
-    ref = torch.cdist(x, cb).argmin(-1) if metric == "euclidean" else (x @ cb.transpose(1, 2)).argmax(-1)
+    ref = nearest(x, cb, metric)
     assert torch.equal(got, ref)
 
 
@@ -56,8 +45,7 @@ def test_vq_assignment_equals_brute_force(distance):
     idx = q(z).indices.reshape(-1, 2)
     for i in range(2):
         x, cb = z.reshape(-1, 2, 4)[:, i], q.codebook[i].detach()
-        ref = (F.normalize(x, dim=-1) @ F.normalize(cb, dim=-1).t()).argmax(-1) if distance == "cosine" \
-            else torch.cdist(x, cb).argmin(-1)
+        ref = nearest(x, cb, distance)
         assert torch.equal(idx[:, i], ref)
 
 

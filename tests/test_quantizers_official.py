@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from core.config import validate
 from core.errors import ConfigError
+from core.reference_quantizers import corners
 from losses_helpers import total_loss
 from plugins.losses.quantizer import QuantizerLoss
 from plugins.quantizers.bsq import BSQ, BSQConfig
@@ -22,12 +23,6 @@ from plugins.quantizers.vq import MCQ, VQ, MCQConfig, VQConfig
 
 def randn(*shape, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
-def corners(d: int, big_endian: bool = False) -> torch.Tensor:
-    """All 2^d codes in {-1, 1}^d; row j = code of index j (little- or big-endian bits)."""
-    shifts = torch.arange(d - 1, -1, -1) if big_endian else torch.arange(d)
-    return ((torch.arange(2**d)[:, None] >> shifts) & 1).float() * 2 - 1
 
 
 # ---- item 11: UniTok's optional MCQ entropy loss ------------------------------------------------
