@@ -52,3 +52,20 @@ def test_readme_plugin_package_installs_and_trains(tmp_path):
     print(f"psnr {psnr:.2f} vs mean image {baseline:.2f}, usage {metrics['usage']}")
     assert psnr > baseline + 1.0, (psnr, baseline)
     assert float(metrics["usage"]) > 50  # no collapse: most of each channel's levels are used
+
+
+def test_every_hook_has_a_docstring_and_is_documented_in_the_readme():
+    """Each hookspec in core/hookspecs.py (one per kind) has a docstring and is named in the README's
+    plugin section; a new hook without both fails here."""
+    import inspect
+
+    from core import hookspecs
+
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Writing a plugin"):text.index("## Sweeps")]
+    specs = {name: fn for name, fn in inspect.getmembers(hookspecs, inspect.isfunction)
+             if hasattr(fn, hookspecs.PROJECT + "_spec")}
+    assert set(specs) == {f"register_{kind}" for kind in hookspecs.KINDS}
+    for name, fn in specs.items():
+        assert (fn.__doc__ or "").strip(), f"{name} has no docstring"
+        assert f"`{name}`" in section, f"{name} is not documented in the README's plugin section"
