@@ -46,8 +46,10 @@ def naive(spec: dict[str, Any]) -> Callable:
     """A brute-force quantizer ``z -> (quantized, scalar loss)`` for the benchmark; ``spec["fn"]``:
 
     - ``vq`` (n codebooks of k codes of width d, ``cosine`` or euclidean): the full (n, N, K)
-      matrix; loss = 0.25 commitment + codebook MSE. The codebook is ``run.codebook``.
+      matrix; loss = 0.25 commitment + codebook MSE.
     - ``rq`` (depth stages of k codes of width d): full (N, K) distances per stage.
+
+    The codebooks of ``vq`` / ``rq`` are ``run.codebook`` (to copy into a plugin under test).
     - ``lfq`` / ``gq`` (width d per group): the full N x 2^d softmax at temperature 0.01; loss =
       0.1 (per-sample - codebook entropy) + 0.25 commitment.
     """
@@ -76,6 +78,7 @@ def naive(spec: dict[str, Any]) -> Callable:
                 loss = loss + F.mse_loss(e, r)
                 total, r = total + e, r - e.detach()
             return (x + (total - x).detach()).reshape(z.shape), loss + F.mse_loss(x, total.detach())
+        run.codebook = cbs  # type: ignore[attr-defined]
         return run
     if fn in ("lfq", "gq"):
         d = spec["d"]
