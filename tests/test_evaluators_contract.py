@@ -49,7 +49,7 @@ def test_contract_table_covers_the_registry():
 
 
 @pytest.fixture(scope="module")
-def tiny_model_and_loader():
+def tiny_model_and_eval_set():
     exp = validate({
         "name": "eval_contract", "seed": 0,
         "data": {"type": "shapes", "image_size": 16, "train_size": 32},
@@ -63,11 +63,11 @@ def tiny_model_and_loader():
 
 
 @pytest.mark.parametrize("name", REG.names("evaluators"))
-def test_evaluator_returns_finite_floats_on_a_tiny_model(name, tmp_path, tiny_model_and_loader, monkeypatch):
+def test_evaluator_returns_finite_floats_on_a_tiny_model(name, tmp_path, tiny_model_and_eval_set, monkeypatch):
     if name not in CONTRACT:
         pytest.fail(f"evaluator {name!r} has no CONTRACT entry")
     monkeypatch.chdir(tmp_path)
-    model, eval_set = tiny_model_and_loader
+    model, eval_set = tiny_model_and_eval_set
     loader = torch.utils.data.DataLoader(eval_set, batch_size=16)
     assert len(eval_set) == 32
     cls = REG.get("evaluators", name)
