@@ -7,6 +7,7 @@ import torch
 
 from core.hookspecs import hookimpl
 from core.interfaces import ComponentConfig, Evaluator
+from plugins.evaluators._common import device_of
 from plugins.lpips_net import LpipsWeightsFields, build_lpips, lpips_distance
 
 
@@ -28,8 +29,7 @@ class Lpips(Evaluator):
         return {f"lpips_{cfg.net}": "lower"}
 
     def begin(self, model, loader) -> None:
-        self.device = next(model.parameters()).device
-        self.net = self.net.to(self.device)
+        self.net = self.net.to(device_of(model))
         self.total, self.n = 0.0, 0
 
     @torch.no_grad()
