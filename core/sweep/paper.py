@@ -25,7 +25,7 @@ class Claim(Strict):
 
     text: str = ""  # the claim in words (printed)
     metric: str  # our metric the claim is about
-    direction: Optional[Literal["higher", "lower"]] = None  # which way is better (default: paper.metrics, else core.report_plots.DIRECTIONS)
+    direction: Optional[Literal["higher", "lower"]] = None  # which way is better (default: paper.metrics, else the evaluators' declaration)
     better: Optional[str] = None  # cell claimed better ...
     than: Optional[str] = None  # ... than this cell
     order: Optional[list[str]] = None  # cells from worst to best
