@@ -58,6 +58,7 @@ def main(argv=None) -> int:
           f"{len(loader.dataset)} eval images, 1 thread")
     print(f"per-evaluator passes: {min(t_old):.3f} s   one shared pass: {min(t_one):.3f} s   (best of {a.repeat})")
     print(f"metrics equal: {same}")
+    print({k: round(v, 4) for k, v in sorted(m_one.items())})
     return 0
 
 
