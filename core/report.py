@@ -79,16 +79,23 @@ def metric_direction(metric: str, paper: Paper, claim: Claim | None = None) -> s
     return direction(metric)
 
 
-def with_declared(paper: Paper, exp: Any) -> Paper:
-    """``paper`` carrying the declared metric directions of ``exp``'s evaluators (nothing for a
-    stored view, which has no validated evaluators)."""
+def with_declared(paper: Paper, exp: Any, cells: list[Any] | None = None) -> Paper:
+    """``paper`` carrying the declared metric directions of the evaluators of ``exp`` and of the
+    sweep's validated ``cells`` (nothing for a stored view, which has no validated evaluators)."""
     if getattr(exp, "stored", False) or not hasattr(exp, "eval"):
         return paper
     from core.evaluation import declared_metrics
     from core.plugins import get_registry
 
+    declared: dict[str, Any] | None = {}
+    for e in [exp, *(cells or [])]:
+        d = declared_metrics(e, get_registry())
+        if d is None:
+            declared = None
+            break
+        declared.update(d)
     paper = paper.model_copy()
-    paper._declared = declared_metrics(exp, get_registry())
+    paper._declared = declared
     return paper
 
 
@@ -244,7 +251,8 @@ def build_report(raw: dict[str, Any], exp: Any, file_raw: dict[str, Any] | None 
     if not exp.sweep:
         raise ConfigError("sweep", f"experiment '{exp.name}' has no sweep section: nothing to report")
     sw = exp.sweep
-    paper = with_declared(exp.paper or Paper(), exp)
+    cells = [] if getattr(exp, "stored", False) else [c for _, c in sweep.checked_points(raw, sw)]
+    paper = with_declared(exp.paper or Paper(), exp, cells)
     order = list(dict.fromkeys(sweep.cell_label(pt) for pt in sweep.grid_points(sw))) if sw.sampler == "grid" else []
     study = results.load_named(sw) if getattr(exp, "stored", False) else results.find_study(exp, sw, overrides or [])
     trials = st.read_trials(study)

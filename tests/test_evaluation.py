@@ -273,3 +273,18 @@ def test_eval_outputs_are_computed_once_and_lazily(tiny):
     with torch.no_grad():
         assert torch.equal(out["indices"], model.encode(out["images"]))
         assert torch.allclose(out["image_embed"], model.image_embed_discrete(out["images"]))
+
+
+def test_report_directions_union_over_the_sweep_cells():
+    """A metric only a cell's evaluator declares (the base config lacks it) still gets its direction."""
+    from types import SimpleNamespace
+
+    from core.report import metric_direction, with_declared
+    from core.sweep.paper import Paper
+
+    reg = get_registry()
+    gen = reg.get("evaluators", "generation").Config.model_construct(type="generation")
+    gen.__dict__.update({k: v for k, v in reg.get("evaluators", "generation").Config.model_construct().__dict__.items() if k not in gen.__dict__})
+    base = SimpleNamespace(eval=[])
+    assert metric_direction("prior_bits_per_token", with_declared(Paper(), base)) == "higher"  # the fallback
+    assert metric_direction("prior_bits_per_token", with_declared(Paper(), base, [SimpleNamespace(eval=[gen])])) == "lower"
