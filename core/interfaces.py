@@ -402,10 +402,28 @@ class Loss(Component, nn.Module):
 
 
 class Evaluator(Component):
-    """``evaluate(model, loader) -> dict[str, float]`` over the whole eval loader.
+    """Metrics of a trained tokenizer over the whole eval loader, in ONE shared pass.
 
     Constructed as ``Evaluator(cfg)``. ``loader.dataset`` is a :class:`Dataset`. The model is in
-    eval mode under ``torch.no_grad`` when called. Metric names are stated in the docstring.
+    eval mode under ``torch.no_grad`` when called.
+
+    Declared metrics: :meth:`declared_metrics` ``(cfg) -> {name: "higher" | "lower" | None}`` is a
+    pure function of the config naming every metric the evaluator may report and which way is
+    better (``None``: a property, not a quality). A name may hold ``<placeholders>`` (``usage_<k>``)
+    that stand for one word. Validation checks ``sweep.objective.metric`` and the ``paper`` metrics
+    against the union of these before anything trains, and the report takes directions from it.
+
+    One pass (:func:`core.evaluation.run_evaluators`): the eval split goes through the model once;
+    for each batch the evaluators get ``update(batch, outputs)`` where ``outputs`` is a
+    :class:`core.evaluation.EvalOutputs` (``images``, ``recon`` clamped to [-1, 1] in fp32,
+    ``indices``, ``codes`` / ``post`` / ``image_embed`` on the DISCRETE path -- computed on first
+    use, shared by all evaluators). Order: ``begin(model, loader)``, ``update`` per batch,
+    ``compute() -> dict[str, float]``. Work that is not per eval batch (a probe fit, a reference
+    network, training a prior) goes in ``begin`` / ``compute``.
+
+    Adapters: ``evaluate(model, loader)`` is implemented by default as that one pass with this
+    evaluator alone. A third-party evaluator that overrides only ``evaluate`` (and not ``update``)
+    still works: the pass calls its ``evaluate`` on its own (it runs the model itself).
     """
 
     Config: ClassVar[type[ComponentConfig]]
@@ -414,8 +432,27 @@ class Evaluator(Component):
     def __init__(self, cfg: ComponentConfig) -> None:
         self.cfg = cfg
 
-    def evaluate(self, model: nn.Module, loader: torch.utils.data.DataLoader) -> dict[str, float]:  # pragma: no cover
+    @classmethod
+    def declared_metrics(cls, cfg: ComponentConfig) -> Optional[dict[str, Optional[str]]]:
+        """``{metric name or pattern: "higher" | "lower" | None}`` this config can produce.
+        Default ``None``: undeclared (validation cannot check names against it)."""
+        return None
+
+    def begin(self, model: nn.Module, loader: torch.utils.data.DataLoader) -> None:
+        """Before the pass: reset accumulators (default: remember model and loader)."""
+        self.model, self.loader = model, loader
+
+    def update(self, batch: dict[str, Any], outputs: Any) -> None:
+        """One eval batch and the shared outputs of the model on it (default: nothing)."""
+
+    def compute(self) -> dict[str, float]:  # pragma: no cover - overridden by streaming evaluators
         raise NotImplementedError
+
+    def evaluate(self, model: nn.Module, loader: torch.utils.data.DataLoader) -> dict[str, float]:
+        """The pass with this evaluator alone (see the class docstring)."""
+        from core.evaluation import run_evaluators
+
+        return run_evaluators(model, [self], loader)
 
     def save_artifacts(self, run_dir: Any, step: int) -> list[tuple[Any, str]]:
         """Optional: write files kept from the last ``evaluate`` (sample grids, a trained model) under

@@ -62,14 +62,41 @@ def pooled_std(a: list[float], b: list[float]) -> float:
 
 
 def metric_direction(metric: str, paper: Paper, claim: Claim | None = None) -> str | None:
-    """'higher' / 'lower' / None: the claim's, else paper.metrics', else the table in core.report_plots."""
+    """'higher' / 'lower' / None: the claim's, else paper.metrics', else the evaluators' declaration
+    (when the experiment validated here, see :func:`with_declared`), else -- a stored view, an
+    undeclared metric -- the fallback table in core.report_plots."""
+    from core.evaluation import direction_of
     from core.report_plots import direction
 
     if claim is not None and claim.direction:
         return claim.direction
     if metric in paper.metrics:
         return paper.metrics[metric]
+    if paper._declared is not None:
+        found, d = direction_of(metric, paper._declared)
+        if found:
+            return d
     return direction(metric)
+
+
+def with_declared(paper: Paper, exp: Any, cells: list[Any] | None = None) -> Paper:
+    """``paper`` carrying the declared metric directions of the evaluators of ``exp`` and of the
+    sweep's validated ``cells`` (nothing for a stored view, which has no validated evaluators)."""
+    if getattr(exp, "stored", False) or not hasattr(exp, "eval"):
+        return paper
+    from core.evaluation import declared_metrics
+    from core.plugins import get_registry
+
+    declared: dict[str, Any] | None = {}
+    for e in [exp, *(cells or [])]:
+        d = declared_metrics(e, get_registry())
+        if d is None:
+            declared = None
+            break
+        declared.update(d)
+    paper = paper.model_copy()
+    paper._declared = declared
+    return paper
 
 
 def higher_is_better(metric: str, paper: Paper, claim: Claim | None = None) -> bool:
@@ -224,7 +251,8 @@ def build_report(raw: dict[str, Any], exp: Any, file_raw: dict[str, Any] | None 
     if not exp.sweep:
         raise ConfigError("sweep", f"experiment '{exp.name}' has no sweep section: nothing to report")
     sw = exp.sweep
-    paper = exp.paper or Paper()
+    cells = [] if getattr(exp, "stored", False) else [c for _, c in sweep.checked_points(raw, sw)]
+    paper = with_declared(exp.paper or Paper(), exp, cells)
     order = list(dict.fromkeys(sweep.cell_label(pt) for pt in sweep.grid_points(sw))) if sw.sampler == "grid" else []
     study = results.load_named(sw) if getattr(exp, "stored", False) else results.find_study(exp, sw, overrides or [])
     trials = st.read_trials(study)

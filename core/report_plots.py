@@ -1,8 +1,10 @@
 """What a sweep report shows: which metrics, which way is better, and the figure.
 
-- ``DIRECTIONS`` is the one table of which way each known metric is better (``None``: a property,
-  not a quality, e.g. ``bits_capacity``; a metric not in it counts as higher-is-better).
-  ``paper.metrics`` and a claim's ``direction`` override it.
+- ``DIRECTIONS``: the FALLBACK table of which way each known metric is better (``None``: a
+  property, not a quality, e.g. ``bits_capacity``; a metric not in it counts as higher-is-better),
+  used only when the evaluators' declarations (``Evaluator.declared_metrics``) are not at hand: a
+  report from the stored study whose config does not validate here. ``paper.metrics`` and a
+  claim's ``direction`` come first, then the declarations (``core.report.metric_direction``).
 - ``default_metrics`` picks a readable subset when ``paper.metrics`` does not say which to show.
 - ``plot`` draws one small panel per metric in a grid (at most ``COLS`` wide, so the figure stays
   readable whatever the number of metrics): every seed as a point, the mean with its 95% interval

@@ -235,13 +235,14 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 @torch.no_grad()
 def evaluate(model: Tokenizer, evaluators: list[Any], loader: DataLoader, autocast: Any) -> dict[str, float]:
+    from core.evaluation import run_evaluators
+
     was_training = model.training
     model.eval()
     metrics: dict[str, float] = {}
     try:
-        with autocast():
-            for ev in evaluators:
-                metrics.update(ev.evaluate(model, loader))
+        with autocast():  # one pass of the eval split feeds every evaluator (core.evaluation)
+            metrics.update(run_evaluators(model, evaluators, loader))
     finally:
         model.train(was_training)
     return metrics

@@ -84,11 +84,23 @@ def test_every_experiment_validates_with_its_cells_and_claims(workdir, path):
             assert c.metric in _metric_names(exp), f"{path.name}: claim metric {c.metric} is evaluated"
 
 
-def _metric_names(exp) -> set[str]:
-    names = {"psnr_ssim": {"psnr", "ssim"}, "fd": {"fd_refnet", "rfid"}, "zero_shot": {"zero_shot_top1", "zero_shot_top5"},
-             "linear_probe": {"linear_probe_top1"}, "usage": {"usage", "usage_freq", "perplexity", "usage_min", "dead_codes", "bits_used"},
-             "lpips": {"lpips"}, "generation": {"gfd_refnet", "gfid", "gfd_refnet_nocfg", "gfid_nocfg", "prior_bits_per_image"}}
-    return set().union(*(names.get(e.type, set()) for e in exp.eval))
+def _metric_names(exp):
+    """Matcher of the metrics the experiment's evaluators DECLARE (no hand-kept table)."""
+    from core.evaluation import declared_metrics
+    from core.plugins import get_registry
+
+    declared = declared_metrics(exp, get_registry())
+    return _Declared(declared)
+
+
+class _Declared:
+    def __init__(self, declared):
+        self.declared = declared
+
+    def __contains__(self, metric):
+        from core.evaluation import matches
+
+        return matches(metric, self.declared) is not None
 
 
 def _run_cell(raw, sw, choices):

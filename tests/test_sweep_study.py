@@ -196,17 +196,18 @@ def test_objective_metric_no_evaluator_produces_fails_before_training(tmp_path, 
     assert capsys.readouterr().err.startswith("error: sweep.objective.metric: no evaluator in cell 'vq16' produces 'lpips_vgg'")
 
 
-def test_metric_names_follow_the_evaluators_docstrings():
+def test_metric_names_follow_the_evaluators_declarations():
     from types import SimpleNamespace
 
     from core.plugins import get_registry
     from core.sweep.paper import check_metric
 
-    exp = SimpleNamespace(eval=[SimpleNamespace(type=t) for t in ("psnr_ssim", "lpips", "usage")])
     reg = get_registry()
-    for ok in ("psnr", "ssim", "lpips_vgg", "usage_min", "bits_used"):
+    cfgs = [reg.get("evaluators", t).Config.model_construct(type=t) for t in ("psnr_ssim", "lpips", "usage")]
+    exp = SimpleNamespace(eval=cfgs)
+    for ok in ("psnr", "ssim", "lpips_vgg", "usage_min", "bits_used", "usage_3", "skipped_steps"):
         check_metric("m", ok, exp, reg)
-    for bad in ("psnrr", "lpips", "fd_refnet"):
+    for bad in ("psnrr", "lpips", "lpips_alex", "fd_refnet", "psnr_mean_image", "usage_"):
         with pytest.raises(Exception, match="no evaluator produces"):
             check_metric("m", bad, exp, reg)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from core.errors import ConfigError
 from core.interfaces import VocabModel
@@ -25,7 +25,7 @@ class Claim(Strict):
 
     text: str = ""  # the claim in words (printed)
     metric: str  # our metric the claim is about
-    direction: Optional[Literal["higher", "lower"]] = None  # which way is better (default: paper.metrics, else core.report_plots.DIRECTIONS)
+    direction: Optional[Literal["higher", "lower"]] = None  # which way is better (default: paper.metrics, else the evaluators' declaration)
     better: Optional[str] = None  # cell claimed better ...
     than: Optional[str] = None  # ... than this cell
     order: Optional[list[str]] = None  # cells from worst to best
@@ -59,6 +59,8 @@ class Paper(Strict):
     figures: dict[str, dict[str, Union[float, str, None]]] = Field(default_factory=dict)  # cell -> paper metric -> value
     alpha: float = Field(ALPHA, gt=0, lt=0.5)  # error rate of a verdict (two-sided)
     claims: list[Claim] = Field(default_factory=list)
+    # the evaluators' declared directions (set by the report when the experiment validates here)
+    _declared: Optional[dict[str, Optional[str]]] = PrivateAttr(default=None)
 
 
 def parse_paper(raw: Any) -> Paper:
@@ -90,27 +92,13 @@ def check_paper(paper: Paper, labels: list[str]) -> None:
 
 
 def metric_patterns(exp: Any, reg: Any) -> Optional[list[str]]:
-    """Regular expressions of the final metrics a validated run config can produce, or None when
-    that is not knowable. The one place to upgrade when evaluators declare their metrics (an
-    evaluator class attribute ``metrics``, a list or a function of its config, is used when present);
-    until then the evaluator contract's docstring, which states the names in ``double backticks``
-    (``lpips_<net>``: a placeholder; ``_top5``: a suffix), is read."""
-    patterns: list[str] = [r"skipped_steps"]
-    for item in exp.eval:
-        cls = reg.get("evaluators", item.type)
-        declared = getattr(cls, "metrics", None)
-        if callable(declared):
-            declared = declared(item)
-        if isinstance(declared, (list, tuple, set, frozenset)):
-            patterns += [re.escape(str(n)) for n in declared]
-            continue
-        names = re.findall(r"``([A-Za-z0-9_<>]+)``", cls.__doc__ or "")
-        if not names:
-            return None  # an evaluator that does not say: anything may come out
-        for n in names:
-            pat = re.sub(r"<[^>]*>", r"\\w+", re.escape(n).replace(r"\<", "<").replace(r"\>", ">"))
-            patterns.append(r"\w+" + pat if n.startswith("_") else pat)
-    return patterns
+    """Regular expressions of the final metrics a validated run config can produce (the union of
+    its evaluators' ``declared_metrics`` and the trainer's ``skipped_steps``), or None when an
+    evaluator does not declare (anything may come out)."""
+    from core.evaluation import declared_metrics, pattern
+
+    declared = declared_metrics(exp, reg)
+    return None if declared is None else [pattern(n) for n in declared]
 
 
 def check_metric(where: str, metric: str, exp: Any, reg: Any, cell: str = "") -> None:
@@ -118,7 +106,9 @@ def check_metric(where: str, metric: str, exp: Any, reg: Any, cell: str = "") ->
     if patterns is None or any(re.fullmatch(p, metric) for p in patterns):
         return
     evals = ", ".join(e.type for e in exp.eval) or "none"
-    names = sorted({re.sub(r"\\w\+", "<name>", p).replace("\\", "") for p in patterns if p != "skipped_steps"})
+    from core.evaluation import declared_metrics
+
+    names = sorted(n for n in declared_metrics(exp, reg) if n != "skipped_steps")
     in_cell = f" in cell '{cell}'" if cell else ""
     raise ConfigError(where, f"no evaluator{in_cell} produces '{metric}' (evaluators: {evals}; "
                       f"metrics: {', '.join(names) or 'none'})")

@@ -217,20 +217,28 @@ class Fd(Evaluator):
         space, net, uint8 = extractor(self.cfg, base_dataset(loader))
         return ("rfid" if space == "inception" else "fd_refnet"), net, uint8
 
-    def evaluate(self, model, loader) -> dict[str, float]:
-        name, net, uint8 = self.extractor(loader)
-        device = device_of(model)
-        net = net.to(device)
-        feats = net if uint8 else net.features
-        real, fake = [], []
-        for batch in loader:
-            x = batch["image"].to(device)
-            y = model(x)["recon"].float().clamp(-1, 1)
-            with no_autocast(device):
-                fx, fy = (feats(to_uint8(x)), feats(to_uint8(y))) if uint8 else (feats(x.float()), feats(y))
-            real.append(fx[0] if isinstance(fx, tuple) else fx)
-            fake.append(fy[0] if isinstance(fy, tuple) else fy)
-        return {name: frechet_distance(torch.cat(real), torch.cat(fake))}
+    @classmethod
+    def declared_metrics(cls, cfg: FdConfig) -> dict[str, str]:
+        return {name: "lower" for name in space_names(cfg, "rfid", "fd_refnet")}
+
+    def begin(self, model, loader) -> None:
+        """Loads the feature network (training the reference one once per dataset when needed)."""
+        self.name, net, self.uint8 = self.extractor(loader)
+        self.device = device_of(model)
+        self.feats = feature_fn(net, self.uint8, self.device)
+        self.real, self.fake = [], []
+
+    def update(self, batch, outputs) -> None:
+        self.real.append(self.feats(outputs["images"]))
+        self.fake.append(self.feats(outputs["recon"]))
+
+    def compute(self) -> dict[str, float]:
+        return {self.name: frechet_distance(torch.cat(self.real), torch.cat(self.fake))}
+
+
+def space_names(cfg: FeatureSpaceConfig, inception_name: str, refnet_name: str) -> list[str]:
+    """The metric names ``cfg.extractor`` can yield (``auto``: either, by the weights found at run time)."""
+    return {"inception": [inception_name], "reference": [refnet_name]}.get(cfg.extractor, [inception_name, refnet_name])
 
 
 @hookimpl

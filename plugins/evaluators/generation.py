@@ -56,7 +56,7 @@ from core.errors import ConfigError
 from core.hookspecs import hookimpl
 from core.interfaces import Evaluator
 from plugins.evaluators._common import base_dataset, device_of, no_autocast
-from plugins.evaluators.fd import FeatureSpaceConfig, extractor, feature_fn, frechet_distance
+from plugins.evaluators.fd import FeatureSpaceConfig, extractor, feature_fn, frechet_distance, space_names
 
 PRIOR_FORMAT = 1  # bump when the prior's parameters or file layout change
 
@@ -453,23 +453,34 @@ class Generation(Evaluator):
         return self.sample_images(bundle, model, labels, self.cfg.cfg_scale, seed + 1)[0]
 
     # ---- the evaluator ---------------------------------------------------------------------------
-    def evaluate(self, model, loader) -> dict[str, float]:
-        device = device_of(model)
+    @classmethod
+    def declared_metrics(cls, cfg: GenerationConfig) -> dict[str, str]:
+        out = {f"{n}{suffix}": "lower" for n in space_names(cfg, "gfid", "gfd_refnet") for suffix in ("", "_nocfg")}
+        return {**out, "prior_bits_per_image": "lower", "prior_bits_per_token": "lower"}
+
+    def begin(self, model, loader) -> None:
+        """The extra work before the pass: encode the TRAIN split, train the prior, load the feature network."""
+        self.model, self.device = model, device_of(model)
         ds = base_dataset(loader)
-        bundle = self.fit(model, type(ds)(ds.cfg, split="train", seed=ds.seed))
-        space, net, uint8 = extractor(self.cfg, ds)
-        feats = feature_fn(net, uint8, device)
-        real, eval_idx, eval_labels = [], [], []
-        for batch in loader:
-            x = batch["image"].to(device)
-            real.append(feats(x).cpu())
-            eval_idx.append(model.encode(x).cpu())
-            lab = batch.get("label")
-            eval_labels.append(torch.as_tensor(lab).long().clamp_min(0) if lab is not None else torch.zeros(len(x), dtype=torch.long))
-        real_f, eval_idx_t, eval_lab = torch.cat(real), torch.cat(eval_idx), torch.cat(eval_labels)
+        self.bundle = self.fit(model, type(ds)(ds.cfg, split="train", seed=ds.seed))
+        self.space, net, uint8 = extractor(self.cfg, ds)
+        self.feats = feature_fn(net, uint8, self.device)
+        self.real, self.eval_idx, self.eval_labels = [], [], []
+
+    def update(self, batch, outputs) -> None:
+        x = outputs["images"]
+        self.real.append(self.feats(x).cpu())
+        self.eval_idx.append(outputs["indices"].cpu())
+        lab = batch.get("label")
+        self.eval_labels.append(torch.as_tensor(lab).long().clamp_min(0) if lab is not None else torch.zeros(len(x), dtype=torch.long))
+
+    def compute(self) -> dict[str, float]:
+        """The extra work after the pass: sampling, decoding, the gFDs and the prior's likelihood."""
+        model, device, bundle, feats = self.model, self.device, self.bundle, self.feats
+        real_f, eval_idx_t, eval_lab = torch.cat(self.real), torch.cat(self.eval_idx), torch.cat(self.eval_labels)
         eval_lab = eval_lab.clamp_max(bundle.prior.n_classes - 1)
         labels = eval_lab[torch.arange(self.cfg.n_samples) % len(eval_lab)]
-        name = "gfid" if space == "inception" else f"gfd_{space}"
+        name = "gfid" if self.space == "inception" else f"gfd_{self.space}"
         out = {f"{name}": 0.0, f"{name}_nocfg": 0.0}
         scales = {name: self.cfg.cfg_scale, f"{name}_nocfg": 1.0}
         done: dict[float, float] = {}

@@ -10,7 +10,7 @@ accuracy (a large gap means too few eval images for the feature width).
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Optional
 
 import numpy as np
 import torch
@@ -19,7 +19,6 @@ from pydantic import Field
 from core.errors import ConfigError
 from core.hookspecs import hookimpl
 from core.interfaces import ComponentConfig, Evaluator
-from plugins.evaluators._common import device_of, pooled_discrete_features
 
 
 class LinearProbeConfig(ComponentConfig):
@@ -52,14 +51,21 @@ class LinearProbe(Evaluator):
 
     Config = LinearProbeConfig
 
-    def evaluate(self, model, loader) -> dict[str, float]:
-        device = device_of(model)
-        feats, labels = [], []
-        for batch in loader:
-            f = pooled_discrete_features(model, batch["image"].to(device), self.cfg.features)
-            feats.append(f.cpu().numpy().astype(np.float64))
-            labels.append(torch.as_tensor(batch["label"]).cpu().numpy())
-        x, y = np.concatenate(feats), np.concatenate(labels)
+    @classmethod
+    def declared_metrics(cls, cfg: LinearProbeConfig) -> dict[str, Optional[str]]:
+        return {"linear_probe_top1": "higher", "linear_probe_fit_top1": None}  # fit accuracy: a diagnostic
+
+    def begin(self, model, loader) -> None:
+        self.feats, self.labels = [], []
+
+    def update(self, batch, outputs) -> None:
+        f = outputs["post" if self.cfg.features == "post" else "codes"].float().mean(dim=1)
+        self.feats.append(f.cpu().numpy().astype(np.float64))
+        self.labels.append(torch.as_tensor(batch["label"]).cpu().numpy())
+
+    def compute(self) -> dict[str, float]:
+        """Fits the probe (the extra work, after the pass)."""
+        x, y = np.concatenate(self.feats), np.concatenate(self.labels)
         keep = y >= 0
         return probe_accuracy(x[keep], y[keep], self.cfg)
 

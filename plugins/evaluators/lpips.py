@@ -7,6 +7,7 @@ import torch
 
 from core.hookspecs import hookimpl
 from core.interfaces import ComponentConfig, Evaluator
+from plugins.evaluators._common import device_of
 from plugins.lpips_net import LpipsWeightsFields, build_lpips, lpips_distance
 
 
@@ -23,17 +24,22 @@ class Lpips(Evaluator):
         super().__init__(cfg)
         self.net = build_lpips(cfg.net, cfg.weights)
 
+    @classmethod
+    def declared_metrics(cls, cfg: LpipsConfig) -> dict[str, str]:
+        return {f"lpips_{cfg.net}": "lower"}
+
+    def begin(self, model, loader) -> None:
+        self.net = self.net.to(device_of(model))
+        self.total, self.n = 0.0, 0
+
     @torch.no_grad()
-    def evaluate(self, model, loader) -> dict[str, float]:
-        device = next(model.parameters()).device
-        net = self.net.to(device)
-        total, n = 0.0, 0
-        for batch in loader:
-            x = batch["image"].to(device)
-            y = model(x)["recon"].float().clamp(-1, 1)
-            total += lpips_distance(net, y, x).sum().item()
-            n += x.shape[0]
-        return {f"lpips_{self.cfg.net}": total / max(n, 1)}
+    def update(self, batch, outputs) -> None:
+        x = outputs["images"]
+        self.total += lpips_distance(self.net, outputs["recon"], x).sum().item()
+        self.n += x.shape[0]
+
+    def compute(self) -> dict[str, float]:
+        return {f"lpips_{self.cfg.net}": self.total / max(self.n, 1)}
 
 
 @hookimpl

@@ -52,19 +52,23 @@ class PsnrSsim(Evaluator):
 
     Config = PsnrSsimConfig
 
-    def evaluate(self, model, loader) -> dict[str, float]:
-        device = next(model.parameters()).device
-        tot_p, tot_s, n = 0.0, 0.0, 0
-        for batch in loader:
-            x = batch["image"].to(device)
-            y = model(x)["recon"].float().clamp(-1, 1)
-            x01, y01 = (x + 1) / 2, (y + 1) / 2
-            tot_p += psnr(x01, y01).sum().item()
-            tot_s += ssim(x01, y01).sum().item()
-            n += x.shape[0]
-        out = {"psnr": tot_p / max(n, 1), "ssim": tot_s / max(n, 1)}
-        if self.cfg.baseline and n:
-            out["psnr_mean_image"] = mean_image_psnr(loader)
+    @classmethod
+    def declared_metrics(cls, cfg: PsnrSsimConfig) -> dict[str, str]:
+        return {"psnr": "higher", "ssim": "higher", **({"psnr_mean_image": "higher"} if cfg.baseline else {})}
+
+    def begin(self, model, loader) -> None:
+        self.loader, self.tot_p, self.tot_s, self.n = loader, 0.0, 0.0, 0
+
+    def update(self, batch, outputs) -> None:
+        x01, y01 = (outputs["images"] + 1) / 2, (outputs["recon"] + 1) / 2
+        self.tot_p += psnr(x01, y01).sum().item()
+        self.tot_s += ssim(x01, y01).sum().item()
+        self.n += x01.shape[0]
+
+    def compute(self) -> dict[str, float]:
+        out = {"psnr": self.tot_p / max(self.n, 1), "ssim": self.tot_s / max(self.n, 1)}
+        if self.cfg.baseline and self.n:
+            out["psnr_mean_image"] = mean_image_psnr(self.loader)  # a data pass, no model
         return out
 
 

@@ -22,7 +22,7 @@ With 2 .. ``per_codebook_max`` sub-codebooks also ``usage_<k>``, ``usage_freq_<k
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 from pydantic import Field
@@ -81,14 +81,26 @@ class Usage(Evaluator):
 
     Config = UsageConfig
 
-    def evaluate(self, model, loader) -> dict[str, float]:
-        sizes = list(model.quantizer.codebook_sizes)
+    @classmethod
+    def declared_metrics(cls, cfg: UsageConfig) -> dict[str, Optional[str]]:
+        out: dict[str, Optional[str]] = {"usage": "higher", "usage_min": "higher", "usage_freq": "higher",
+                                         "perplexity": "higher", "dead_codes": "lower", "bits_used": "higher",
+                                         "bits_capacity": None}  # set by the configuration: no better side
+        if cfg.per_codebook_max > 1:  # per sub-codebook k (the count K is the quantizer's)
+            out.update({"usage_<k>": "higher", "usage_freq_<k>": "higher", "perplexity_<k>": "higher"})
+        return out
+
+    def begin(self, model, loader) -> None:
+        self.sizes = list(model.quantizer.codebook_sizes)
         device = device_of(model)
-        totals = [torch.zeros(n, dtype=torch.long, device=device) for n in sizes]
-        for batch in loader:  # counts stay on the device; one transfer at the end
-            for t, c in zip(totals, code_counts(model.encode(batch["image"].to(device)), sizes)):
-                t += c
-        return usage_stats(totals, self.cfg.freq_threshold, self.cfg.per_codebook_max)
+        self.totals = [torch.zeros(n, dtype=torch.long, device=device) for n in self.sizes]
+
+    def update(self, batch, outputs) -> None:  # counts stay on the device; one transfer at the end
+        for t, c in zip(self.totals, code_counts(outputs["indices"], self.sizes)):
+            t += c
+
+    def compute(self) -> dict[str, float]:
+        return usage_stats(self.totals, self.cfg.freq_threshold, self.cfg.per_codebook_max)
 
 
 @hookimpl

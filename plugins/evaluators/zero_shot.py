@@ -66,23 +66,31 @@ class ZeroShot(Evaluator):
                           list(ds.attribute_templates.get(attr, ds.templates))))
         return tasks
 
-    def evaluate(self, model, loader) -> dict[str, float]:
-        tasks = self._tasks(base_dataset(loader))
-        weights = [class_weights(model, names, tmpl) for _, _, names, tmpl in tasks]
-        device = device_of(model)
-        correct = [[0, 0] for _ in tasks]
-        seen = [0 for _ in tasks]
-        for batch in loader:
-            emb = model.image_embed_discrete(batch["image"].to(device)).float()
-            for t, ((_, key, _, _), w) in enumerate(zip(tasks, weights)):
-                labels = torch.as_tensor(batch[key]).to(device)
-                keep = labels >= 0  # unlabelled items (label -1) are skipped
-                logits = 100.0 * emb[keep] @ w.to(device).T
-                correct[t][0] += topk_correct(logits, labels[keep], 1)
-                correct[t][1] += topk_correct(logits, labels[keep], 5)
-                seen[t] += int(keep.sum())
+    @classmethod
+    def declared_metrics(cls, cfg: ZeroShotConfig) -> dict[str, str]:
+        # _top5 only with more than 5 classes (the dataset's): declared as possible
+        return {f"{p}_top{k}": "higher" for p in ["zero_shot"] + [f"zero_shot_{a}" for a in cfg.attributes] for k in (1, 5)}
+
+    def begin(self, model, loader) -> None:
+        self.tasks = self._tasks(base_dataset(loader))
+        self.device = device_of(model)
+        self.weights = [class_weights(model, names, tmpl).to(self.device) for _, _, names, tmpl in self.tasks]
+        self.correct = [[0, 0] for _ in self.tasks]
+        self.seen = [0 for _ in self.tasks]
+
+    def update(self, batch, outputs) -> None:
+        emb = outputs["image_embed"].float()
+        for t, ((_, key, _, _), w) in enumerate(zip(self.tasks, self.weights)):
+            labels = torch.as_tensor(batch[key]).to(self.device)
+            keep = labels >= 0  # unlabelled items (label -1) are skipped
+            logits = 100.0 * emb[keep] @ w.T
+            self.correct[t][0] += topk_correct(logits, labels[keep], 1)
+            self.correct[t][1] += topk_correct(logits, labels[keep], 5)
+            self.seen[t] += int(keep.sum())
+
+    def compute(self) -> dict[str, float]:
         out: dict[str, float] = {}
-        for (prefix, _, names, _), (c1, c5), n in zip(tasks, correct, seen):
+        for (prefix, _, names, _), (c1, c5), n in zip(self.tasks, self.correct, self.seen):
             out[f"{prefix}_top1"] = 100.0 * c1 / max(n, 1)
             if len(names) > 5:
                 out[f"{prefix}_top5"] = 100.0 * c5 / max(n, 1)
