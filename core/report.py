@@ -244,7 +244,7 @@ def build_report(raw: dict[str, Any], exp: Any, file_raw: dict[str, Any] | None 
         header += "\n\n" + "\n".join(f"- {c}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                           for k, v in params[c].items()) for c in order)
     md, verdicts = render(exp.name, paper, values, order, failed, timing, header, sw.objective.metric,
-                          design=stats.design_for(sw.seeds))
+                          design=stats.design_for(sw.seed_range or sw.seeds))
     parent = study.user_attrs.get(st.PARENT_RUN)
     return md, {"values": values, "order": order, "paper": paper, "parent": parent, "verdicts": verdicts,
                 "metrics": shown_metrics(values, paper, sw.objective.metric), "seeds": seeds, "changes": changes}

@@ -1,0 +1,107 @@
+"""Seeds until decided (core.sweep.adaptive): a grid sweep with ``seeds: {min, max}`` adds seeds to
+the pairs of cells an open claim compares, same seed in both, until the claim is decided or max.
+The cell runs are replaced by known per-seed values (the planner is under test, not training)."""
+from __future__ import annotations
+
+import collections
+
+import pytest
+
+from core.sweep import workers
+from sweep_helpers import keys, load, run_sweep, trials, write_tiny
+
+SPACE = {"model.quantizer": {
+    "vq16": {"type": "vq", "codebook_size": 16, "code_dim": 4},
+    "mcq2x8": {"type": "mcq", "codes_per_token": 2, "codebook_size": 8, "code_dim": 2},
+    "rq": {"type": "rq", "codes_per_token": 2, "codebook_size": 8, "code_dim": 4},
+}}
+CLAIMS = [
+    {"better": "vq16", "than": "mcq2x8", "metric": "psnr"},  # +10 dB, spread 0.1: decided at min
+    {"better": "rq", "than": "vq16", "metric": "psnr"},  # differences +-2 alternating: never decided
+]
+
+
+def value(cell: str, seed: int) -> float:
+    base = 30.0 + 0.5 * seed  # shared by every cell at seed s (the paired design)
+    return base + {"vq16": 0.0, "mcq2x8": -10.0 + 0.1 * (seed % 3), "rq": 2.0 * (-1) ** seed}[cell]
+
+
+def write(d, **changes):
+    return write_tiny(d, **{"sweep.space": SPACE, "sweep.seeds": {"min": 3, "max": 6}, "tracking.enabled": False,
+                            "paper.claims": CLAIMS, **changes})
+
+
+@pytest.fixture
+def fake_runs(monkeypatch):
+    calls: list[str] = []
+    stop_at: list[str] = []
+
+    def run_cell(exp, choices, seed, trial, rec, parent_id, on_eval=None):
+        key = f"{rec.cell}#seed={seed}"
+        if key in stop_at:
+            raise KeyboardInterrupt  # the command is killed while this cell runs
+        calls.append(key)
+        return {"psnr": value(rec.cell, seed)}
+
+    monkeypatch.setattr(workers, "run_cell", run_cell)
+    return calls, stop_at
+
+
+def _complete(path):
+    done = keys(trials(path))
+    assert len(done) == len(set(done))  # never a (cell, seed) twice
+    return collections.defaultdict(set, {c: {int(k.split("=")[1]) for k in done if k.startswith(c + "#")}
+                                         for c in ("vq16", "mcq2x8", "rq")})
+
+
+def test_decided_claim_stops_at_min_open_claim_goes_to_max(tmp_path, fake_runs):
+    calls, _ = fake_runs
+    path = write(tmp_path)
+    assert run_sweep(path) == 0
+    got = _complete(path)
+    assert got["mcq2x8"] == {0, 1, 2}  # its only claim was decided at the minimum
+    assert got["vq16"] == got["rq"] == set(range(6))  # the open claim took both cells to max, same seeds
+    assert len(calls) == len(set(calls)) == 3 + 6 + 6
+    # the seed range is not part of the study's identity: a plain list names the same study
+    _, exp_range = load(path)
+    _, exp_list = load(path, "sweep.seeds=[0,1,2]")
+    from core.sweep import study_name
+    assert study_name(exp_range, exp_range.sweep) == study_name(exp_list, exp_list.sweep)
+
+
+def test_budget_spent_stops_adding(tmp_path, fake_runs):
+    path = write(tmp_path, **{"sweep.seeds": {"min": 3, "max": 6, "budget_minutes": 1e-9}})
+    assert run_sweep(path) == 0
+    got = _complete(path)
+    assert got["vq16"] == got["rq"] == got["mcq2x8"] == {0, 1, 2}
+
+
+def test_killed_then_rerun_continues_without_repeating(tmp_path, fake_runs):
+    calls, stop_at = fake_runs
+    path = write(tmp_path)
+    stop_at.append("rq#seed=4")
+    assert run_sweep(path) == 130
+    first = list(calls)
+    assert "vq16#seed=3" in first and "rq#seed=4" not in first
+    stop_at.clear()
+    calls.clear()
+    assert run_sweep(path) == 0
+    assert not set(first) & set(calls)  # nothing that completed ran again
+    got = _complete(path)
+    assert got["mcq2x8"] == {0, 1, 2} and got["vq16"] == got["rq"] == set(range(6))
+
+
+def test_seed_range_config():
+    from core.errors import ConfigError
+    from core.sweep.space import parse_sweep
+
+    sw = parse_sweep({"space": SPACE, "seeds": {"min": 2, "max": 4}, "objective": {"metric": "psnr"}})
+    assert sw.seeds == [0, 1] and sw.seed_range.max == 4
+    from core.sweep.space import pool
+    assert {c.seed for c in pool(sw)} == {0, 1, 2, 3}
+    for bad in ({"min": 5, "max": 4}, {"min": 1, "max": 4}, {"min": 2, "max": 4, "budget_minutes": 0}):
+        with pytest.raises(ConfigError):
+            parse_sweep({"space": SPACE, "seeds": bad, "objective": {"metric": "psnr"}})
+    with pytest.raises(ConfigError, match="sampler grid"):
+        parse_sweep({"space": {"train.optimizer.lr": {"low": 1e-4, "high": 1e-2}}, "sampler": "tpe", "n_trials": 2,
+                     "seeds": {"min": 2, "max": 4}, "objective": {"metric": "psnr"}})
