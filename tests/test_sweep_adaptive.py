@@ -105,3 +105,35 @@ def test_seed_range_config():
     with pytest.raises(ConfigError, match="sampler grid"):
         parse_sweep({"space": {"train.optimizer.lr": {"low": 1e-4, "high": 1e-2}}, "sampler": "tpe", "n_trials": 2,
                      "seeds": {"min": 2, "max": 4}, "objective": {"metric": "psnr"}})
+
+
+REAL_SPACE = {"train.optimizer.lr": {"choices": {"fast": 3e-2, "still": 1e-9}},
+              # a logging option changes nothing: with the paired design both cells give equal metrics
+              "train.log_every": {"choices": {"l1": 1, "l2": 2}, "when": {"train.optimizer.lr": "still"}}}
+REAL_CLAIMS = [{"better": "fast", "than": "still/l1", "metric": "psnr"},  # ~4 dB, decided at 3 seeds
+               {"better": "still/l2", "than": "still/l1", "metric": "psnr"}]  # differences all 0: to max
+
+
+def write_real(d, **changes):
+    return write_tiny(d, **{"sweep.space": REAL_SPACE, "sweep.seeds": {"min": 3, "max": 4}, "tracking.enabled": False,
+                            "train.steps": 4, "paper.claims": REAL_CLAIMS, **changes})
+
+
+def check_real(path):
+    views = trials(path)
+    got = _complete(path)
+    for c in ("fast", "still/l1", "still/l2"):
+        got[c] = {int(k.split("=")[1]) for k in keys(views) if k.startswith(c + "#")}
+    assert got["fast"] == {0, 1, 2} and got["still/l1"] == got["still/l2"] == {0, 1, 2, 3}, got
+    psnr = {t.record.key: t.record.metrics[t.record.seeds[0]]["psnr"] for t in views if t.state == "COMPLETE"}
+    assert all(psnr[f"still/l1#seed={s}"] == psnr[f"still/l2#seed={s}"] for s in range(4))  # paired: same seed, same run
+    assert len({psnr[f"still/l1#seed={s}"] for s in range(4)}) == 4  # seeds differ
+
+
+def test_real_tiny_adaptive_sweep(tmp_path):
+    """Real training (4 steps): the big effect is decided at the minimum, the null claim runs to max."""
+    path = write_real(tmp_path)
+    assert run_sweep(path) == 0
+    check_real(path)
+    assert run_sweep(path) == 0  # re-running a finished adaptive sweep runs nothing
+    assert len(keys(trials(path))) == 3 + 4 + 4
