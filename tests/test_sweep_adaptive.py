@@ -137,3 +137,34 @@ def test_real_tiny_adaptive_sweep(tmp_path):
     check_real(path)
     assert run_sweep(path) == 0  # re-running a finished adaptive sweep runs nothing
     assert len(keys(trials(path))) == 3 + 4 + 4
+
+
+def test_report_json_and_claim_plots_on_the_parent_run(tmp_path, fake_runs):
+    """The end of the sweep writes ``reports/<name>.json`` (every claim's verdict, from
+    ClaimResult.to_json) and a plot per claim, and attaches them to the parent MLflow run."""
+    import json
+
+    path = write(tmp_path, **{"tracking.enabled": True, "sweep.seeds": {"min": 3, "max": 4}})
+    assert run_sweep(path) == 0
+    out = tmp_path / "reports"
+    doc = json.loads((out / "tiny_sweep.json").read_text())
+    assert doc["experiment"] == "tiny_sweep" and doc["study"].startswith("tiny_sweep-")
+    c0, c1 = doc["claims"]
+    assert (c0["verdict"], c0["n"], c0["cells"]) == ("holds", 3, ["vq16", "mcq2x8"])
+    assert {int(s): d for s, d in c0["diffs"].items()} == pytest.approx({s: value("vq16", s) - value("mcq2x8", s) for s in range(3)})
+    assert c0["mean_diff"] == pytest.approx(10 - 0.1)  # 10 - mean(0, 0.1, 0.2)
+    assert c0["ci"][0] > 0 and c0["text"] == "vq16 better than mcq2x8"
+    assert (c1["verdict"], c1["n"]) == ("inconclusive", 4)
+    assert {int(s): d for s, d in c1["diffs"].items()} == pytest.approx({s: 2.0 * (-1) ** s for s in range(4)})
+    for i in (0, 1):
+        assert (out / f"tiny_sweep.claim{i}.png").stat().st_size > 1000
+    from mlflow.tracking import MlflowClient
+
+    from core.tracking import resolve_uri
+    _, exp = load(path)
+    from core.sweep import study as st
+    parent = st.open_study(exp, exp.sweep, create=False).user_attrs[st.PARENT_RUN]
+    client = MlflowClient(tracking_uri=resolve_uri(exp.tracking.uri))
+    names = {a.path for a in client.list_artifacts(parent, "report")}
+    assert {"report/tiny_sweep.json", "report/tiny_sweep.claim0.png", "report/tiny_sweep.claim1.png",
+            "report/tiny_sweep.md"} <= names
