@@ -99,8 +99,9 @@ def test_seed_range_config():
     assert sw.seeds == [0, 1] and sw.seed_range.max == 4
     from core.sweep.space import pool
     assert {c.seed for c in pool(sw)} == {0, 1, 2, 3}
-    for bad in ({"min": 5, "max": 4}, {"min": 1, "max": 4}, {"min": 2, "max": 4, "budget_minutes": 0}):
-        with pytest.raises(ConfigError):
+    for bad, where in (({"min": 5, "max": 4}, "seeds: max"), ({"min": 1, "max": 4}, "seeds.min"),
+                       ({"min": 2, "max": 4, "budget_minutes": 0}, "seeds.budget_minutes")):
+        with pytest.raises(ConfigError, match=where):
             parse_sweep({"space": SPACE, "seeds": bad, "objective": {"metric": "psnr"}})
     with pytest.raises(ConfigError, match="sampler grid"):
         parse_sweep({"space": {"train.optimizer.lr": {"low": 1e-4, "high": 1e-2}}, "sampler": "tpe", "n_trials": 2,

@@ -43,7 +43,10 @@ def print_plan(exp: Any, sw: SweepConfig, cells: list[Cell]) -> None:
           f"storage {st.display_storage(sw.storage_url())}, workers {sw.workers}")
     if sw.sampler == "grid":
         labels = list(dict.fromkeys(c.label for c in cells))
-        print(f"# {len(labels)} cells x {len(sw.seeds)} seeds = {len(cells)} runs")
+        print(f"# {len(labels)} cells x {len(sw.seeds)} seeds = {len(cells)} runs"
+              + (f"; then up to {sw.seed_range.max} seeds in the cells an open claim compares"
+                 + (f", within {sw.seed_range.budget_minutes:g} min" if sw.seed_range.budget_minutes else "")
+                 if sw.seed_range else ""))
         for pt in grid_points(sw):
             print(f"{cell_label(pt)}: " + ", ".join(f"{k}={runs.choice_params({k: v})['sweep.' + k]}" for k, v in pt.items()))
     else:

@@ -132,7 +132,12 @@ class SweepConfig(Strict):
     def _seed_range(cls, data: Any) -> Any:
         if isinstance(data, dict) and isinstance(data.get("seeds"), dict):
             data = dict(data)
-            rng = SeedRange.model_validate(data.pop("seeds"))
+            try:
+                rng = SeedRange.model_validate(data.pop("seeds"))
+            except ValidationError as e:
+                err = e.errors()[0]
+                where = ".".join(["seeds", *(str(p) for p in err["loc"])])
+                raise ValueError(f"{where}: {err['msg'].removeprefix('Value error, ')}") from None
             data["seed_range"], data["seeds"] = rng, list(range(rng.min))
         return data
 
