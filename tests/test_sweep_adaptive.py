@@ -169,3 +169,18 @@ def test_report_json_and_claim_plots_on_the_parent_run(tmp_path, fake_runs):
     names = {a.path for a in client.list_artifacts(parent, "report")}
     assert {"report/tiny_sweep.json", "report/tiny_sweep.claim0.png", "report/tiny_sweep.claim1.png",
             "report/tiny_sweep.md"} <= names
+
+
+def test_claim_plot_order_claim_has_a_panel_per_pair(tmp_path):
+    import matplotlib.image
+
+    from core import stats
+    from core.report_plots import claim_plot
+
+    vals = [{s: 1.0 * k + 0.1 * s * k for s in range(4)} for k in range(3)]
+    res = stats.order(vals, cells=["a", "b", "c"], statement="a < b < c", metric="psnr")
+    assert len(res.pairs) == 2
+    one = claim_plot(res.pairs[0], tmp_path / "one.png")
+    two = claim_plot(res, tmp_path / "two.png")
+    w1, w2 = matplotlib.image.imread(one).shape[1], matplotlib.image.imread(two).shape[1]
+    assert w2 == pytest.approx(2 * w1, rel=0.02)  # two panels, each as wide as a single claim's
