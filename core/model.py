@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from core.errors import ConfigError
 from core.interfaces import QuantizerOutput
 from core.plugins import Registry, get_registry
+from core.seeding import seeded
 
 
 def fp32(module: nn.Module, x: Tensor) -> Tensor:
@@ -62,17 +63,21 @@ class ClipImageHead(nn.Module):
         return F.normalize(self.proj(self.norm(tokens.mean(dim=1))).float(), dim=-1)
 
 
-def _build(reg: Registry, kind: str, cfg: Any, path: str, **kwargs: Any) -> nn.Module:
+def _build(reg: Registry, kind: str, cfg: Any, path: str, seed: int | None = None, **kwargs: Any) -> nn.Module:
     try:
-        return reg.get(kind, cfg.type)(cfg, **kwargs)
+        with seeded(seed, path):
+            return reg.get(kind, cfg.type)(cfg, **kwargs)
     except ConfigError as e:
         raise e.at(path) from None
 
 
 class Tokenizer(nn.Module):
-    """The assembled tokenizer. ``forward(images)`` returns the outputs dict (core.interfaces)."""
+    """The assembled tokenizer. ``forward(images)`` returns the outputs dict (core.interfaces).
 
-    def __init__(self, spec: Any, image_size: int, reg: Registry | None = None) -> None:
+    With ``seed`` set, each component is initialised from its own stream seeded by (seed, its path)
+    (core.seeding): its initial weights do not depend on which other components the model has."""
+
+    def __init__(self, spec: Any, image_size: int, reg: Registry | None = None, seed: int | None = None) -> None:
         super().__init__()
         reg = reg or get_registry()
         self.spec = spec
@@ -82,28 +87,30 @@ class Tokenizer(nn.Module):
         enc_cfg = spec.encoder
         if spec.pre_projector is None and enc_cfg.out_dim is None:
             enc_cfg = enc_cfg.model_copy(update={"out_dim": qdim})
-        self.encoder = _build(reg, "encoders", enc_cfg, "model.encoder", image_size=image_size)
+        self.encoder = _build(reg, "encoders", enc_cfg, "model.encoder", seed, image_size=image_size)
         if image_size % self.encoder.downsample:
             raise ConfigError("model.encoder", f"downsampling factor {self.encoder.downsample} does not divide image size {image_size}")
         self.grid = (image_size // self.encoder.downsample,) * 2
         self.pre_projector = (
-            _build(reg, "projectors", spec.pre_projector, "model.pre_projector", in_dim=self.encoder.out_dim, out_dim=qdim)
+            _build(reg, "projectors", spec.pre_projector, "model.pre_projector", seed, in_dim=self.encoder.out_dim, out_dim=qdim)
             if spec.pre_projector is not None else None
         )
         if self.pre_projector is None and self.encoder.out_dim != qdim:
             raise ConfigError("model.encoder.out_dim", f"{self.encoder.out_dim} does not equal the quantizer's input width {qdim}")
-        self.quantizer = _build(reg, "quantizers", qcfg, "model.quantizer")
+        self.quantizer = _build(reg, "quantizers", qcfg, "model.quantizer", seed)
         if spec.post_projector is not None:
             post_out = spec.post_projector.out_dim or self.encoder.out_dim
-            self.post_projector = _build(reg, "projectors", spec.post_projector, "model.post_projector", in_dim=qdim, out_dim=post_out)
+            self.post_projector = _build(reg, "projectors", spec.post_projector, "model.post_projector", seed, in_dim=qdim, out_dim=post_out)
         else:
             post_out, self.post_projector = qdim, None
-        self.decoder = _build(reg, "decoders", spec.decoder, "model.decoder", in_dim=post_out, image_size=image_size, downsample=self.encoder.downsample)
+        self.decoder = _build(reg, "decoders", spec.decoder, "model.decoder", seed, in_dim=post_out, image_size=image_size, downsample=self.encoder.downsample)
         self.text: TextTower | None = None
         if spec.text is not None:
             embed_dim = spec.text.embed_dim or spec.text.width
-            self.text = TextTower(spec.text, embed_dim)
-            self.clip_head = ClipImageHead(post_out, embed_dim)
+            with seeded(seed, "model.text"):
+                self.text = TextTower(spec.text, embed_dim)
+            with seeded(seed, "model.clip_head"):
+                self.clip_head = ClipImageHead(post_out, embed_dim)
             self.logit_scale = nn.Parameter(torch.tensor(float(spec.text.init_logit_scale)))
             self.max_logit_scale = spec.text.max_logit_scale
 

@@ -236,6 +236,28 @@ def plot(values: dict[str, dict[str, list[float]]], cells: list[str], metrics: l
                              {m: metric_direction(m, paper) for m in metrics})
 
 
+def write_claims(info: dict[str, Any], out: Path, name: str) -> tuple[Path, list[Path]]:
+    """``<out>/<name>.json``: every claim's verdict and numbers (``ClaimResult.to_json()`` plus the
+    claim's text and the paper's figures of its cells), for a whole-project results page; and one
+    plot per claim, ``<name>.claim<i>.png`` (paired differences per seed with the interval)."""
+    import json
+
+    from core import report_plots
+
+    paper = info["paper"]
+    claims, pngs = [], []
+    for i, (claim, *_, res) in enumerate(info["verdicts"]):
+        entry = {"index": i, "text": claim.text or _claim_text(claim), **res.to_json(),
+                 "paper_figures": {c: paper.figures[c] for c in res.cells if c in paper.figures}}
+        claims.append(entry)
+        pngs.append(report_plots.claim_plot(res, out / f"{name}.claim{i}.png"))
+    doc = {"experiment": name, "study": info.get("study"), "source": paper.source, "alpha": paper.alpha,
+           "seeds": info.get("seeds", {}), "claims": claims}
+    path = out / f"{name}.json"
+    path.write_text(json.dumps(doc, indent=2, sort_keys=False, default=str) + "\n")
+    return path, pngs
+
+
 # ------------------------------------------------------------------------------------------------
 # entry point
 # ------------------------------------------------------------------------------------------------
@@ -272,9 +294,9 @@ def build_report(raw: dict[str, Any], exp: Any, file_raw: dict[str, Any] | None 
         header += "\n\n" + "\n".join(f"- {c}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                           for k, v in params[c].items()) for c in order)
     md, verdicts = render(exp.name, paper, values, order, failed, timing, header, sw.objective.metric,
-                          design=stats.design_for(sw.seeds))
+                          design=stats.design_for(sw.seed_range or sw.seeds))
     parent = study.user_attrs.get(st.PARENT_RUN)
-    return md, {"values": values, "order": order, "paper": paper, "parent": parent, "verdicts": verdicts,
+    return md, {"study": study.study_name, "values": values, "order": order, "paper": paper, "parent": parent, "verdicts": verdicts,
                 "metrics": shown_metrics(values, paper, sw.objective.metric), "seeds": seeds, "changes": changes}
 
 
@@ -336,8 +358,9 @@ def stored_view(raw: dict[str, Any]) -> Any:
 
 def write_report(raw: dict[str, Any], exp: Any, out_dir: str | Path = "reports", attach: bool = True,
                  file_raw: dict[str, Any] | None = None, overrides: list[str] | None = None) -> tuple[str, Path, Path, str | None]:
-    """Build the report, write ``<out>/<name>.md`` and ``.png``, and (``attach``) put both, the claims'
-    verdicts and the per-cell means on the sweep's parent MLflow run. Returns (markdown, md path,
+    """Build the report, write ``<out>/<name>.md`` and ``.png``, the claims' JSON summary
+    (``<name>.json``) and a plot per claim (``<name>.claim<i>.png``, ``write_claims``), and (``attach``)
+    put them, the claims' verdicts and the per-cell means on the sweep's parent MLflow run. Returns (markdown, md path,
     png path, the parent run id it was attached to or None)."""
     md, info = build_report(raw, exp, file_raw, overrides)
     out = Path(out_dir)
@@ -345,6 +368,7 @@ def write_report(raw: dict[str, Any], exp: Any, out_dir: str | Path = "reports",
     md_path = out / f"{exp.name}.md"
     md_path.write_text(md)
     png = plot(info["values"], info["order"], info["metrics"], out / f"{exp.name}.png", exp.name, info["paper"])
+    summary, claim_pngs = write_claims(info, out, exp.name)
     attached = None
     if info["parent"] and exp.tracking.enabled and attach:
         from mlflow.tracking import MlflowClient
@@ -354,6 +378,8 @@ def write_report(raw: dict[str, Any], exp: Any, out_dir: str | Path = "reports",
         client = MlflowClient(tracking_uri=resolve_uri(exp.tracking.uri))
         client.log_artifact(info["parent"], str(md_path), "report")
         client.log_artifact(info["parent"], str(png), "report")
+        for extra in [summary, *claim_pngs]:
+            client.log_artifact(info["parent"], str(extra), "report")
         for i, (claim, verdict, m, *_) in enumerate(info["verdicts"]):
             client.set_tag(info["parent"], f"vtok.claim.{i}", f"{verdict} ({_fmt_margin(m)}): {claim.text or _claim_text(claim)}")
         log_summary(client, info["parent"], info["values"], info["metrics"], info["order"])

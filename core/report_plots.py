@@ -179,3 +179,42 @@ def plot(values: dict[str, dict[str, list[float]]], cells: list[str], metrics: l
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return path
+
+
+def claim_plot(res: Any, path: Path) -> Path:
+    """One claim (a ``core.stats.ClaimResult``): the paired differences a − b per seed as points, the
+    mean difference with its interval as a line and a band, 0 (and ±tolerance for ``matches``) as
+    reference lines; an ``order`` claim gets one panel per neighbouring pair. Unpaired comparisons
+    (Welch) have no per-seed differences: the panel shows the mean and interval only."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    parts = list(res.pairs) if res.kind == "order" and res.pairs else [res]
+    fig, axes = plt.subplots(1, len(parts), figsize=(3.6 * len(parts), 3.0), squeeze=False)
+    for ax, r in zip(axes.flat, parts):
+        seeds = sorted(r.diffs, key=lambda s: int(s) if str(s).lstrip("-").isdigit() else str(s))
+        ax.scatter(range(len(seeds)), [r.diffs[s] for s in seeds], s=16, color="tab:blue", zorder=3, label="a − b per seed")
+        lo, hi = r.ci
+        x = (-0.5, max(len(seeds), 1) - 0.5)
+        if math.isfinite(r.mean_diff):
+            ax.plot(x, [r.mean_diff] * 2, color="tab:red", lw=1.2, label="mean")
+        if math.isfinite(lo) and math.isfinite(hi):
+            ax.fill_between(x, lo, hi, color="tab:red", alpha=0.15, lw=0, label=f"{r.ci_level:.0%} interval")
+        ax.axhline(0, color="black", lw=0.8)
+        if r.tolerance is not None and math.isfinite(r.tolerance):
+            for t in (-r.tolerance, r.tolerance):
+                ax.axhline(t, color="gray", lw=0.8, ls="--")
+        ax.set_xticks(range(len(seeds)), [str(s) for s in seeds], fontsize=7)
+        ax.set_xlabel("seed", fontsize=8)
+        ax.set_ylabel(f"{r.metric}: {r.cells[0]} − {r.cells[1]}", fontsize=8)
+        ax.set_title(f"{r.verdict} ({r.test or 'no test'}, n={r.n})", fontsize=8)
+        ax.tick_params(labelsize=7)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=3, frameon=False)
+    fig.suptitle(res.statement, fontsize=9)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

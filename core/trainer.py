@@ -31,6 +31,7 @@ from core.errors import ConfigError
 from core.figures import log_eval_figures
 from core.model import Tokenizer, parameter_counts
 from core.plugins import Registry, get_registry
+from core.seeding import seeded
 from core.tracking import Tracker, git_tags, make_tracker
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -75,18 +76,30 @@ def _build(reg: Registry, kind: str, cfg: Any, path: str, **kw: Any) -> Any:
 
 
 def build(exp: Any, reg: Registry | None = None) -> Built:
+    """Every component is built from its own stream seeded by (exp.seed, its path) (core.seeding),
+    so seed s gives the same data, eval images and initial weights of every component whose
+    config is the same in every cell of a sweep: the cells of a sweep are paired by seed. Losses
+    are keyed by their label (type, or type+index when a type repeats), not by position. The
+    global stream is left at ``manual_seed(exp.seed)`` whatever was built."""
     reg = reg or get_registry()
     torch.manual_seed(exp.seed)
-    train_set = _build(reg, "datasets", exp.data, "data", split="train", seed=exp.seed)
-    eval_set = _build(reg, "datasets", exp.data, "data", split="eval", seed=exp.seed)
-    model = Tokenizer(exp.model, exp.data.image_size, reg)
+    s = exp.seed
+    with seeded(s, "data.train"):
+        train_set = _build(reg, "datasets", exp.data, "data", split="train", seed=s)
+    with seeded(s, "data.eval"):
+        eval_set = _build(reg, "datasets", exp.data, "data", split="eval", seed=s)
+    model = Tokenizer(exp.model, exp.data.image_size, reg, seed=s)
     losses, labels = [], []
     for i, lcfg in enumerate(exp.losses):
-        losses.append(_build(reg, "losses", lcfg, f"losses.{i}", model=model))
         dup = sum(c.type == lcfg.type for c in exp.losses) > 1
         labels.append(f"{lcfg.type}{i}" if dup else lcfg.type)
+        with seeded(s, f"losses.{labels[-1]}"):
+            losses.append(_build(reg, "losses", lcfg, f"losses.{i}", model=model))
     order = sorted(range(len(losses)), key=lambda i: losses[i].order)
-    evaluators = [_build(reg, "evaluators", ecfg, f"eval.{i}") for i, ecfg in enumerate(exp.eval)]
+    evaluators = []
+    for i, ecfg in enumerate(exp.eval):
+        with seeded(s, f"eval.{ecfg.type}{i}"):
+            evaluators.append(_build(reg, "evaluators", ecfg, f"eval.{i}"))
     return Built(model, nn.ModuleList([losses[i] for i in order]), [labels[i] for i in order], evaluators, train_set, eval_set)
 
 

@@ -71,3 +71,17 @@ def test_two_workers_share_one_postgres_study_and_run_no_cell_twice(tmp_path, po
     assert set(complete) == TINY_KEYS and max(complete.values()) == 1
     assert all(t.number == first[t.record.key] for t in final if t.record.key in first)
     assert not [t for t in final if t.state in ("RUNNING", "WAITING")]
+
+
+def test_two_workers_adaptive_sweep_on_postgres(tmp_path, postgres_url):
+    """A seed range on shared storage: two workers run the minimum, then only the added seeds of the
+    open claim's pair, no (cell, seed) twice."""
+    from test_sweep_adaptive import check_real, write_real
+
+    path = write_real(tmp_path, **{"sweep.storage": postgres_url, "sweep.workers": 2})
+    p = cli([str(path)], tmp_path)
+    out = p.communicate(timeout=600)[0]
+    assert p.returncode == 0, out[-3000:]
+    ran = Counter(f"{cell}#seed={seed}" for cell, seed in re.findall(r"trial \d+ cell (\S+) seed (\d+)", out))
+    assert max(ran.values()) == 1 and len(ran) == 3 + 4 + 4, ran
+    check_real(path)

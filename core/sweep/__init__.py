@@ -4,7 +4,9 @@
 as WAITING trials and workers claim them atomically (the storage's WAITING -> RUNNING transition),
 so N workers on one machine (``workers: N``) or on many (a PostgreSQL ``storage``) never run a cell
 twice; a failed cell is recorded FAIL with its error and re-running the command runs only the
-missing or failed cells. Seeds and cells may be added to a study. ``sampler: tpe`` runs ``n_trials``
+missing or failed cells. Seeds and cells may be added to a study; with a seed range
+(``seeds: {min, max}``) the sweep adds seeds to the pairs of cells a still open claim compares until
+every claim is decided (``adaptive``). ``sampler: tpe`` runs ``n_trials``
 TPE trials (each over every seed, the objective averaged) with optional median pruning.
 
 The study is the config: its name carries a digest of everything that determines the results
@@ -21,12 +23,12 @@ import sys
 import time
 from typing import Any, Sequence
 
-from core.sweep import runs
+from core.sweep import adaptive, runs
 from core.sweep import study as st
 from core.sweep.paper import Claim, Paper, check_paper, parse_paper
 from core.sweep.record import TrialRecord, TrialView
 from core.sweep.space import (Cell, Choices, Range, SweepConfig, cell_label, check_all, check_size, checked_points,
-                              compose, count_points, grid_points, parse_sweep, plan, validate_cell)
+                              compose, count_points, grid_points, parse_sweep, plan, pool, validate_cell)
 from core.sweep.study import open_study, study_name
 from core.sweep.workers import INTERRUPTED, run_trial, run_workers, suggest
 
@@ -41,7 +43,10 @@ def print_plan(exp: Any, sw: SweepConfig, cells: list[Cell]) -> None:
           f"storage {st.display_storage(sw.storage_url())}, workers {sw.workers}")
     if sw.sampler == "grid":
         labels = list(dict.fromkeys(c.label for c in cells))
-        print(f"# {len(labels)} cells x {len(sw.seeds)} seeds = {len(cells)} runs")
+        print(f"# {len(labels)} cells x {len(sw.seeds)} seeds = {len(cells)} runs"
+              + (f"; then up to {sw.seed_range.max} seeds in the cells an open claim compares"
+                 + (f", within {sw.seed_range.budget_minutes:g} min" if sw.seed_range.budget_minutes else "")
+                 if sw.seed_range else ""))
         for pt in grid_points(sw):
             print(f"{cell_label(pt)}: " + ", ".join(f"{k}={runs.choice_params({k: v})['sweep.' + k]}" for k, v in pt.items()))
     else:
@@ -76,8 +81,10 @@ def main(path: str, raw: dict[str, Any], exp: Any, dry_run: bool = False, overri
         points = checked_points(raw, sw)
         st.check_cell_configs(study, {cell_label(pt): st.run_identity(to_dict(c)) for pt, c in points})
         cells = plan(sw)
+        if sw.seed_range is not None:  # the seeds earlier rounds added (a killed command's unfinished ones)
+            cells += adaptive.planned(study, sw)
         keys = [c.key for c in cells]
-        st.drop_waiting(study, set(keys), "not in this command's plan (its cells or seeds differ)")
+        st.drop_waiting(study, {c.key for c in pool(sw)}, "not in this command's plan (its cells or seeds differ)")
         added = st.enqueue_missing(study, cells)
         total = len(cells)
         print(f"vtok sweep: study '{study.study_name}' ({storage}): {total - added} of {total} runs done or under way, "
@@ -89,9 +96,26 @@ def main(path: str, raw: dict[str, Any], exp: Any, dry_run: bool = False, overri
     parent_id = runs.parent_run(exp, sw, study, total)
     t0 = time.perf_counter()
     clean = False
+    since = len(study.get_trials(deepcopy=False))
     try:
         with watch(study, sw, exp, total):
             failed, interrupted, errors = run_workers(raw, sw)
+        while sw.seed_range is not None and not interrupted and not errors:  # seeds until decided
+            budget = sw.seed_range.budget_minutes
+            if budget is not None and time.perf_counter() - t0 > 60 * budget:
+                print(f"vtok sweep: the seed budget of {budget:g} min is spent", file=sys.stderr)
+                break
+            more, _ = adaptive.next_cells(study, sw, exp.paper or Paper(), since)
+            added = st.enqueue_missing(study, more)
+            if not added:
+                break
+            keys = list(dict.fromkeys([*keys, *(c.key for c in more)]))
+            total = len(keys)
+            print(f"vtok sweep: claims still open: {added} more runs ("
+                  + ", ".join(c.key for c in more) + ")", file=sys.stderr)
+            with watch(study, sw, exp, total):
+                f, interrupted, errors = run_workers(raw, sw)
+            failed += f
         clean = not interrupted and not errors
     finally:
         if not clean:  # nothing is left RUNNING or WAITING by this command

@@ -96,6 +96,23 @@ class Pruning(Strict):
     warmup_evals: int = Field(1, ge=0)  # evaluations of a trial before it may be pruned
 
 
+class SeedRange(Strict):
+    """``seeds: {min: 3, max: 12, budget_minutes: 60}``: seeds until decided (grid only). Every cell
+    runs seeds 0 .. min-1; then seeds are added one at a time to both cells of every pair a still
+    open claim compares, until every claim is decided, ``max`` seeds or the wall-time budget of the
+    command is spent (core.sweep.adaptive; judged with core.stats' group-sequential design)."""
+
+    min: int = Field(3, ge=2)
+    max: int = Field(12, ge=2)
+    budget_minutes: Optional[float] = Field(None, gt=0)  # wall time of one command; none: no limit
+
+    @model_validator(mode="after")
+    def _order(self) -> "SeedRange":
+        if self.max < self.min:
+            raise ValueError(f"max: {self.max} is below min {self.min}")
+        return self
+
+
 class SweepConfig(Strict):
     sampler: Literal["grid", "tpe"] = "grid"  # grid: every cell exactly; tpe: hyper-parameter search
     space: dict[str, Union[Range, Choices]] = Field(min_length=1)  # dotted key -> choices or range
@@ -108,6 +125,21 @@ class SweepConfig(Strict):
     study_name: Optional[str] = None  # default: the experiment name
     pruning: Optional[Pruning] = None  # tpe only: stop bad trials early
     sampler_seed: int = 0  # seed of the TPE sampler
+    seed_range: Optional[SeedRange] = None  # set from ``seeds: {min, max}``; then ``seeds`` is 0 .. min-1
+
+    @model_validator(mode="before")
+    @classmethod
+    def _seed_range(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("seeds"), dict):
+            data = dict(data)
+            try:
+                rng = SeedRange.model_validate(data.pop("seeds"))
+            except ValidationError as e:
+                err = e.errors()[0]
+                where = ".".join(["seeds", *(str(p) for p in err["loc"])])
+                raise ValueError(f"{where}: {err['msg'].removeprefix('Value error, ')}") from None
+            data["seed_range"], data["seeds"] = rng, list(range(rng.min))
+        return data
 
     @field_validator("space", mode="before")
     @classmethod
@@ -125,6 +157,8 @@ class SweepConfig(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "SweepConfig":
+        if self.seed_range is not None and self.sampler != "grid":
+            raise ValueError("seeds: a seed range {min, max} needs sampler grid")
         if self.sampler == "tpe" and self.n_trials is None:
             raise ValueError("n_trials: required with sampler tpe")
         if self.sampler == "grid":
@@ -151,7 +185,7 @@ class SweepConfig(Strict):
     def bookkeeping(self) -> set[str]:
         """Keys that do not change any result: left out of the study's identity (seeds may be added,
         workers and storage changed, a TPE budget raised)."""
-        keys = {"seeds", "workers", "threads_per_worker", "storage", "study_name", "n_trials"}
+        keys = {"seeds", "seed_range", "workers", "threads_per_worker", "storage", "study_name", "n_trials"}
         if self.sampler == "grid":
             keys.add("space")  # cells may be added; each cell's own config is checked on its own
         return keys
@@ -287,6 +321,13 @@ def grid_points(sw: SweepConfig) -> list[dict[str, Any]]:
 
 def plan(sw: SweepConfig) -> list[Cell]:
     return [Cell(choices=pt, seed=s) for pt in grid_points(sw) for s in sw.seeds]
+
+
+def pool(sw: SweepConfig) -> list[Cell]:
+    """Every (cell, seed) the sweep may run: the plan, or with a seed range every seed below its max."""
+    if sw.seed_range is None:
+        return plan(sw)
+    return [Cell(choices=pt, seed=s) for pt in grid_points(sw) for s in range(sw.seed_range.max)]
 
 
 def compose(raw: dict[str, Any], sw: SweepConfig, choices: dict[str, Any], seed: int) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from core.errors import ConfigError
 from core.sweep import runs
 from core.sweep import study as st
 from core.sweep.record import TrialRecord
-from core.sweep.space import Choices, SweepConfig, _active, cell_label, plan, validate_cell
+from core.sweep.space import Choices, SweepConfig, _active, cell_label, pool, validate_cell
 
 INTERRUPTED = "interrupted"
 MAX_REPEATS = 20  # TPE suggestions in a row that repeat tried parameters before a worker gives up
@@ -144,7 +144,7 @@ def _drop(study: Any, trial: Any, rec: TrialRecord, why: str) -> None:
 def grid_worker(raw: dict[str, Any], threads: int | None = None) -> int:
     """Claim and run WAITING cells until none is left. Returns the number of failed cells."""
     exp, sw, study, parent_id = _setup(raw, threads)
-    keys = {c.key for c in plan(sw)}
+    keys = {c.key for c in pool(sw)}  # a seed range: seeds the planner may add
     base = cell_raw(raw, exp, study)
     failed = 0
     while not check_stop() and (trial := st.claim(study)) is not None:
