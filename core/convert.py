@@ -41,6 +41,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from core.cli import OneLineParser
 from core.errors import ConfigError
 
 EXIT_BAD_INPUT = 2
@@ -58,7 +59,7 @@ Target = Optional[tuple[str, Optional[int]]]
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m core.convert", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="python -m core.convert", description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", help="the official UniTok checkpoint (.pth)")
     p.add_argument("--config", required=True, help="vtok experiment YAML with the same model layout")
     p.add_argument("--out", required=True, help="run directory to write (must not exist or be empty)")
@@ -183,7 +184,10 @@ def write_run(out: Path, exp: Any, sd: dict[str, Tensor], source: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_intermixed_args(argv)  # overrides may follow the options
+    try:
+        args = parser().parse_intermixed_args(argv)  # overrides may follow the options
+    except SystemExit as e:  # a bad command line: one line printed already (core.cli)
+        return int(e.code or 0)
     try:
         from core.config import load_experiment
         from core.model import Tokenizer

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from core.cli import OneLineParser
 from core.errors import ConfigError
 
 EXIT_BAD_INPUT = 2
@@ -36,7 +37,7 @@ PRIOR_FILE = Path("generation") / "prior.safetensors"
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m core.generate", description="sample images of one class from a trained tokenizer and its prior",
+    p = OneLineParser(prog="python -m core.generate", description="sample images of one class from a trained tokenizer and its prior",
                                 epilog="example: python -m core.generate --run runs/quickstart-0123abcd --class circle --n 16 --out circles.png")
     p.add_argument("--run", required=True, help="run directory, checkpoint directory or MLflow run id")
     p.add_argument("--prior", help="prior .safetensors (default: <run>/generation/prior.safetensors, trained when missing)")
@@ -106,7 +107,10 @@ def get_bundle(args: argparse.Namespace, exp: Any, model: Any, gen: Any) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    try:
+        args = parser().parse_args(argv)
+    except SystemExit as e:  # a bad command line: one line printed already (core.cli)
+        return int(e.code or 0)
     try:
         if args.n <= 0:
             raise ConfigError("--n", f"must be positive, got {args.n}")
