@@ -305,7 +305,7 @@ def test_sweep_parent_named_after_study_carries_means_and_report_even_after_plug
     assert parent.data.tags["vtok.cell_steps"] == "0: vq16, 1: fsq"  # the report's (grid) order
     assert history == pytest.approx({0: psnr["vq16"], 1: psnr["fsq"]})
     assert "psnr" not in parent.data.metrics  # the parent does not pose as a run in the children's charts
-    assert {a.path for a in client.list_artifacts(parent.info.run_id, "report")} == {"report/tiny_sweep.md", "report/tiny_sweep.png"}
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "report")} == {"report/tiny_sweep.md", "report/tiny_sweep.png", "report/tiny_sweep.json"}
     # the quantizer plugins are gone (an unknown type everywhere): the stored study is still reported
     raw = yaml.safe_load(path.read_text())
     raw["model"]["quantizer"]["type"] = "uninstalled"
