@@ -41,10 +41,9 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from core.cli import OneLineParser
+from core.cli import OneLineParser, report
 from core.errors import ConfigError
 
-EXIT_BAD_INPUT = 2
 
 #: official top-level module -> the Tokenizer attribute holding the vtok component
 COMPONENTS = {"encoder": "encoder", "quant_proj": "pre_projector", "post_quant_proj": "post_projector", "decoder": "decoder"}
@@ -203,8 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{out}: {len(official)} official tensors -> vtok run directory (python -m core.tokenize --run {out} ...)")
         return 0
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return report(e)
 
 
 if __name__ == "__main__":

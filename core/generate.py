@@ -29,10 +29,9 @@ from typing import Any
 
 import torch
 
-from core.cli import OneLineParser
+from core.cli import OneLineParser, report
 from core.errors import ConfigError
 
-EXIT_BAD_INPUT = 2
 PRIOR_FILE = Path("generation") / "prior.safetensors"
 
 
@@ -145,8 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{out}: {args.n} samples of class '{bundle.class_names[label]}' (guidance {scale:g})")
         return 0
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return report(e)
 
 
 if __name__ == "__main__":

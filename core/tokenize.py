@@ -41,10 +41,10 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import Tensor
 
+from core.cli import report
 from core.display import plain as _plain
 from core.errors import ConfigError
 
-EXIT_BAD_INPUT = 2
 
 
 EXAMPLES = """examples (RUN is a run directory such as runs/quickstart-<hash>, or an MLflow run id):
@@ -340,8 +340,7 @@ def main(argv: list[str] | None = None) -> int:
             run_encode(args, exp, model)
         return 0
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return report(e)
 
 
 if __name__ == "__main__":
