@@ -379,6 +379,7 @@ def train(exp: Any, reg: Registry | None = None, *, built: Built | None = None, 
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+        done.unlink(missing_ok=True)  # a continued finished run is unfinished until its new total (rewritten at the end)
     all_tags = {"vtok.config_hash": config_hash(exp), "vtok.experiment": exp.name, "vtok.run_dir": str(run_dir.resolve()),
                 **git_tags(), **(tags or {})}
     all_tags["vtok.train_steps"] = str(cfg.steps)  # the param is the first run's; this follows continuations
