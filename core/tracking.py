@@ -23,6 +23,9 @@ def resolve_uri(uri: str | None) -> str:
     """The tracking URI; a relative SQLite path is made absolute (MLflow caches stores by URI, so a
     relative one would keep pointing at the first working directory of the process)."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    if uri.startswith("file:") or "://" not in uri and ":" not in uri[2:]:
+        # a directory store is documented as accepted; MLflow 3 refuses it unless opted in
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri.startswith(prefix + "/") and ":memory:" not in uri:
         uri = prefix + str(Path(uri[len(prefix):]).resolve())
