@@ -108,6 +108,23 @@ def test_seed_range_config():
                      "seeds": {"min": 2, "max": 4}, "objective": {"metric": "psnr"}})
 
 
+def test_seed_range_is_one_error_line_where_it_cannot_work(tmp_path, capsys):
+    """A seed range without claims to decide (or with TPE): one line at sweep.seeds, exit 2, nothing written."""
+    from core.run import main
+
+    path = write(tmp_path, **{"paper.claims": []})
+    for args in ([str(path)], [str(path), "--dry-run"]):
+        assert main(args) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and err[0].startswith("error: sweep.seeds: a seed range {min, max} adds seeds until"), err
+    path = write(tmp_path, **{"paper.claims": [], "sweep.space": {"train.optimizer.lr": {"low": 1e-4, "high": 1e-2}},
+                              "sweep.sampler": "tpe", "sweep.n_trials": 2})
+    assert main([str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "needs sampler grid" in err[0], err
+    assert not (tmp_path / "journal.log").exists() and not (tmp_path / "runs").exists()
+
+
 REAL_SPACE = {"train.optimizer.lr": {"choices": {"fast": 3e-2, "still": 1e-9}},
               # a logging option changes nothing: with the paired design both cells give equal metrics
               "train.log_every": {"choices": {"l1": 1, "l2": 2}, "when": {"train.optimizer.lr": "still"}}}

@@ -43,10 +43,18 @@ def print_plan(exp: Any, sw: SweepConfig, cells: list[Cell]) -> None:
           f"storage {st.display_storage(sw.storage_url())}, workers {sw.workers}")
     if sw.sampler == "grid":
         labels = list(dict.fromkeys(c.label for c in cells))
-        print(f"# {len(labels)} cells x {len(sw.seeds)} seeds = {len(cells)} runs"
-              + (f"; then up to {sw.seed_range.max} seeds in the cells an open claim compares"
-                 + (f", within {sw.seed_range.budget_minutes:g} min" if sw.seed_range.budget_minutes else "")
-                 if sw.seed_range else ""))
+        rng = sw.seed_range
+        if rng is None:
+            print(f"# {len(labels)} cells x {len(sw.seeds)} seeds = {len(cells)} runs")
+        else:
+            from core import stats
+
+            compared = {c for claim in (exp.paper or Paper()).claims for c in claim.cells()} & set(labels)
+            most = len(compared) * rng.max + (len(labels) - len(compared)) * rng.min
+            print(f"# {len(labels)} cells x {rng.min} to {rng.max} seeds = {len(cells)} to {most} runs: seeds 0..{rng.min - 1} "
+                  f"in every cell, then one seed at a time in the {len(compared)} cells the claims compare while a claim "
+                  f"is open ({stats.design_for(rng).describe()})"
+                  + (f", within {rng.budget_minutes:g} min of sweep wall time" if rng.budget_minutes else ""))
         for pt in grid_points(sw):
             print(f"{cell_label(pt)}: " + ", ".join(f"{k}={runs.choice_params({k: v})['sweep.' + k]}" for k, v in pt.items()))
     else:
