@@ -1,7 +1,8 @@
 """Live sweep progress: one line per landed (cell, seed) with its objective, and a whole-sweep
 progress bar with an estimate of the time left.
 
-``SweepProgress`` is the display (no Optuna inside: testable with a fake clock); ``StudyWatcher``
+One display for a whole sweep: when a seed range adds runs its total grows (``grow``), the count
+and the bar go on. ``SweepProgress`` is the display (no Optuna inside: testable with a fake clock); ``StudyWatcher``
 polls the study's storage from a thread of the launching process and feeds it every trial that
 finished since, whichever worker (process or machine) ran it.
 """

@@ -306,13 +306,15 @@ def build_report(raw: dict[str, Any], exp: Any, file_raw: dict[str, Any] | None 
     if sw.sampler == "tpe":  # best trials first
         sign = -1 if sw.objective.direction == "maximize" else 1
         order = sorted(values, key=lambda c: sign * mean_std(values[c].get(sw.objective.metric, []))[0])
+    planned = (f"seeds {sw.seed_range.min} to {sw.seed_range.max} per cell until the claims are decided"
+               if sw.seed_range is not None else f"planned seeds {sw.seeds}")
     header = (f"Study `{study.study_name}` in {st.display_storage(sw.storage_url())}; sampler {sw.sampler}, "
-              f"planned seeds {sw.seeds}; objective {sw.objective.direction} {sw.objective.metric}.")
+              f"{planned}; objective {sw.objective.direction} {sw.objective.metric}.")
     changes = results.config_changes(file_raw, raw) if file_raw is not None else []
     header += "\n\nConfig: " + (f"the experiment file with {', '.join(f'`{c}`' for c in changes)}." if changes
                                 else "the experiment file as it is.")
     header += "\n\n" + results.seeds_line([c for c in order if c in values] + [c for c in values if c not in order],
-                                          seeds, sw.seeds)
+                                          seeds, sw.seeds, sw.seed_range.max if sw.seed_range is not None else None)
     if sw.sampler == "tpe":  # what each trial row tried
         params = {f"#{t.number}": t.record.choices for t in trials if f"#{t.number}" in values}
         header += "\n\n" + "\n".join(f"- {c}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"

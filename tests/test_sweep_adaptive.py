@@ -174,6 +174,13 @@ def test_report_json_and_claim_plots_on_the_parent_run(tmp_path, fake_runs):
     assert c0["ci"][0] > 0 and c0["text"] == "vq16 better than mcq2x8"
     assert (c1["verdict"], c1["n"]) == ("inconclusive", 4)
     assert {int(s): d for s, d in c1["diffs"].items()} == pytest.approx({s: 2.0 * (-1) ** s for s in range(4)})
+    # per cell and metric: mean, t-interval and n over the seeds the cell ran (3, or 4 where a claim stayed open)
+    vq = doc["cells"]["vq16"]["psnr"]
+    assert vq["n"] == 4 and vq["mean"] == pytest.approx(sum(value("vq16", s) for s in range(4)) / 4)
+    assert vq["ci"][0] < vq["mean"] < vq["ci"][1] and doc["cells"]["mcq2x8"]["psnr"]["n"] == 3
+    md = (out / "tiny_sweep.md").read_text()
+    assert "seeds 3 to 4 per cell until the claims are decided" in md and "not in sweep.seeds" not in md
+    assert "Seeds per cell: vq16: 0, 1, 2, 3; mcq2x8: 0, 1, 2; rq: 0, 1, 2, 3." in md
     for i in (0, 1):
         assert (out / f"tiny_sweep.claim{i}.png").stat().st_size > 1000
     from mlflow.tracking import MlflowClient
