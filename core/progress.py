@@ -1,7 +1,8 @@
 """Live sweep progress: one line per landed (cell, seed) with its objective, and a whole-sweep
 progress bar with an estimate of the time left.
 
-``SweepProgress`` is the display (no Optuna inside: testable with a fake clock); ``StudyWatcher``
+One display for a whole sweep: when a seed range adds runs its total grows (``grow``), the count
+and the bar go on. ``SweepProgress`` is the display (no Optuna inside: testable with a fake clock); ``StudyWatcher``
 polls the study's storage from a thread of the launching process and feeds it every trial that
 finished since, whichever worker (process or machine) ran it.
 """
@@ -78,6 +79,21 @@ class SweepProgress:
             print(text, file=self.stream, flush=True)
         return text
 
+    def grow(self, total: int) -> None:
+        """The sweep planned more runs (a seed range added seeds): the same bar, a larger total."""
+        self.total = max(total, self.done)
+        if self.bar is not None:
+            self.bar.total = self.total
+            self._postfix()
+            self.bar.refresh()
+
+    def write(self, text: str) -> None:
+        """A message line above the bar (or a plain line without one)."""
+        if self.bar is not None:
+            self.bar.write(text, file=self.stream)
+        else:
+            print(text, file=self.stream, flush=True)
+
     def _postfix(self) -> None:
         if self.bar is not None:
             self.bar.set_postfix_str(f"ETA {fmt_duration(self.eta())}" + (f", {self.failed} failed" if self.failed else ""))
@@ -94,11 +110,14 @@ class StudyWatcher:
     counts its runs (a TPE trial runs every seed)."""
 
     def __init__(self, study: Any, progress: SweepProgress, label_of: Callable[[Any], str],
-                 runs_of: Callable[[Any], int] = lambda t: 1, interval: float = 2.0) -> None:
+                 runs_of: Callable[[Any], int] = lambda t: 1, interval: float = 2.0,
+                 on_landed: Callable[[], None] | None = None) -> None:
         from optuna.trial import TrialState
 
         self.study, self.progress, self.label_of, self.runs_of = study, progress, label_of, runs_of
         self.interval = interval
+        self.on_landed = on_landed  # called after a poll that reported trials (e.g. to record spent time)
+        self._lock = threading.Lock()  # the thread's polls and the caller's never report a trial twice
         self.finished = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
         self.seen = {t.number for t in study.get_trials(deepcopy=False) if t.state in self.finished}
         self._stop = threading.Event()
@@ -107,17 +126,20 @@ class StudyWatcher:
     def poll(self) -> int:
         """Report newly finished trials; returns how many."""
         n = 0
-        for t in self.study.get_trials(deepcopy=False):
-            if t.state not in self.finished or t.number in self.seen:
-                continue
-            self.seen.add(t.number)
-            runs = self.runs_of(t)
-            if runs <= 0:  # not a run (a dropped duplicate)
-                continue
-            secs = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_start and t.datetime_complete else None
-            value = t.value if t.state.name == "COMPLETE" else None
-            self.progress.landed(self.label_of(t), value, secs, t.state.name, runs)
-            n += 1
+        with self._lock:
+            for t in self.study.get_trials(deepcopy=False):
+                if t.state not in self.finished or t.number in self.seen:
+                    continue
+                self.seen.add(t.number)
+                runs = self.runs_of(t)
+                if runs <= 0:  # not a run (a dropped duplicate)
+                    continue
+                secs = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_start and t.datetime_complete else None
+                value = t.value if t.state.name == "COMPLETE" else None
+                self.progress.landed(self.label_of(t), value, secs, t.state.name, runs)
+                n += 1
+        if n and self.on_landed is not None:
+            self.on_landed()
         return n
 
     def _loop(self) -> None:

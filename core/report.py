@@ -1,8 +1,8 @@
 """``python -m core.report EXP.yaml [key=value ...]``: a sweep's results beside the paper's, and its claims checked.
 
 Reads the sweep's Optuna study (each finished trial carries its runs' final metrics), prints a
-markdown report — mean ± std over seeds per cell and metric, the paper's figures beside them, a
-verdict per claim — and writes it with a bar plot into the sweep's parent MLflow run (and under
+markdown report — per cell and metric the mean over seeds with its 95% t-interval (``cell_interval``),
+the paper's figures beside them, a verdict per claim — and writes it with a bar plot into the sweep's parent MLflow run (and under
 ``--out``). The ``paper:`` section of the experiment:
 
     paper:
@@ -150,11 +150,31 @@ def collect(study: Any, sampler: str) -> tuple[dict[str, dict[str, list[float]]]
 # ------------------------------------------------------------------------------------------------
 
 
+def cell_interval(values: Any, alpha: float = stats.ALPHA) -> dict[str, Any]:
+    """A cell's metric over its seeds: mean, the (1 - alpha) Student-t interval of the mean
+    (mean ± t_{n-1}(1 - alpha/2) s / sqrt(n); no interval from one seed) and n, as plain JSON."""
+    m, lo, hi = stats.mean_interval(values, alpha)
+    n = len(values)
+    return stats._clean({"mean": m, "ci": [lo, hi], "ci_level": 1.0 - alpha, "n": n})
+
+
+def cells_json(values: dict[str, dict[str, Any]], order: list[str], alpha: float = stats.ALPHA) -> dict[str, Any]:
+    """``{cell: {metric: cell_interval}}`` for every cell and metric, in the report's order."""
+    cells = [c for c in order if c in values] + [c for c in values if c not in order]
+    return {c: {m: cell_interval(v, alpha) for m, v in values[c].items() if len(v)} for c in cells}
+
+
 def _fmt(m: float, s: float) -> str:
+    """``mean ± s`` (s: the interval's half-width), digits by the mean's magnitude."""
     if math.isnan(m):
         return "–"
     digits = 3 if abs(m) < 1 else (2 if abs(m) < 1000 else 0)
     return f"{m:.{digits}f}" if math.isnan(s) else f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def _fmt_interval(values: Any, alpha: float) -> str:
+    m, lo, hi = stats.mean_interval(values, alpha) if len(values) else (math.nan, math.nan, math.nan)
+    return _fmt(m, hi - m)
 
 
 def _fmt_margin(m: float) -> str:
@@ -185,7 +205,9 @@ def render(title: str, paper: Paper, values: dict[str, dict[str, list[float]]], 
         lines.append(header)
     lines.append(f"Runs: {timing['runs']} finished, {len(failed)} failed; wall time {timing['wall_s'] / 60:.1f} min "
                  f"(sum of run times {timing['busy_s'] / 60:.1f} min).")
-    lines += ["", "## Results (mean ± std over seeds)", ""]
+    level = f"{1.0 - paper.alpha:.0%}"
+    lines += ["", f"## Results (mean over seeds ± half-width of its {level} confidence interval: Student t with "
+              "n − 1 degrees of freedom; one seed: the value alone)", ""]
     from core.report_plots import arrow
 
     arrows = {m: arrow(metric_direction(m, paper)) for m in metrics}
@@ -193,7 +215,7 @@ def render(title: str, paper: Paper, values: dict[str, dict[str, list[float]]], 
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in cells:
         n = max((len(v) for v in values[c].values()), default=0)
-        row = [c, str(n)] + [_fmt(*mean_std(values[c].get(m, []))) for m in metrics]
+        row = [c, str(n)] + [_fmt_interval(values[c].get(m, []), paper.alpha) for m in metrics]
         row += [_paper_value(paper.figures.get(c, {}).get(p)) for p in paper_cols]
         lines.append("| " + " | ".join(row) + " |")
     for c in paper.figures:
@@ -238,7 +260,8 @@ def plot(values: dict[str, dict[str, list[float]]], cells: list[str], metrics: l
 
 def write_claims(info: dict[str, Any], out: Path, name: str) -> tuple[Path, list[Path]]:
     """``<out>/<name>.json``: every claim's verdict and numbers (``ClaimResult.to_json()`` plus the
-    claim's text and the paper's figures of its cells), for a whole-project results page; and one
+    claim's text and the paper's figures of its cells) and every cell's metrics (``cells``: mean,
+    (1 - alpha) t-interval, n per metric), for a whole-project results page; and one
     plot per claim, ``<name>.claim<i>.png`` (paired differences per seed with the interval)."""
     import json
 
@@ -252,7 +275,8 @@ def write_claims(info: dict[str, Any], out: Path, name: str) -> tuple[Path, list
         claims.append(entry)
         pngs.append(report_plots.claim_plot(res, out / f"{name}.claim{i}.png"))
     doc = {"experiment": name, "study": info.get("study"), "source": paper.source, "alpha": paper.alpha,
-           "seeds": info.get("seeds", {}), "claims": claims}
+           "seeds": info.get("seeds", {}), "claims": claims,
+           "cells": cells_json(info.get("values", {}), info.get("order", []), paper.alpha)}
     path = out / f"{name}.json"
     path.write_text(json.dumps(doc, indent=2, sort_keys=False, default=str) + "\n")
     return path, pngs
@@ -282,13 +306,15 @@ def build_report(raw: dict[str, Any], exp: Any, file_raw: dict[str, Any] | None 
     if sw.sampler == "tpe":  # best trials first
         sign = -1 if sw.objective.direction == "maximize" else 1
         order = sorted(values, key=lambda c: sign * mean_std(values[c].get(sw.objective.metric, []))[0])
+    planned = (f"seeds {sw.seed_range.min} to {sw.seed_range.max} per cell until the claims are decided"
+               if sw.seed_range is not None else f"planned seeds {sw.seeds}")
     header = (f"Study `{study.study_name}` in {st.display_storage(sw.storage_url())}; sampler {sw.sampler}, "
-              f"planned seeds {sw.seeds}; objective {sw.objective.direction} {sw.objective.metric}.")
+              f"{planned}; objective {sw.objective.direction} {sw.objective.metric}.")
     changes = results.config_changes(file_raw, raw) if file_raw is not None else []
     header += "\n\nConfig: " + (f"the experiment file with {', '.join(f'`{c}`' for c in changes)}." if changes
                                 else "the experiment file as it is.")
     header += "\n\n" + results.seeds_line([c for c in order if c in values] + [c for c in values if c not in order],
-                                          seeds, sw.seeds)
+                                          seeds, sw.seeds, sw.seed_range.max if sw.seed_range is not None else None)
     if sw.sampler == "tpe":  # what each trial row tried
         params = {f"#{t.number}": t.record.choices for t in trials if f"#{t.number}" in values}
         header += "\n\n" + "\n".join(f"- {c}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"

@@ -75,13 +75,38 @@ def test_every_experiment_validates_with_its_cells_and_claims(workdir, path):
     paper = report.parse_paper(exp.paper)
     assert paper.source, f"{path.name}: paper.source names the table or figure"
     if sw.sampler == "grid":
-        assert len(sw.seeds) == 3, f"{path.name}: a paper ablation runs 3 seeds"
+        rng = sw.seed_range  # seeds until decided: 3 in every cell, up to 10 where a claim is open
+        assert rng is not None and (rng.min, rng.max) == (3, 10) and sw.seeds == [0, 1, 2], f"{path.name}: seeds {{min: 3, max: 10}}"
         labels = list(dict.fromkeys(sweep.cell_label(pt) for pt in sweep.grid_points(sw)))
         report.check_paper(paper, labels)
         assert paper.claims, f"{path.name}: states the paper's claims to check"
         assert sw.objective.metric in _metric_names(exp), f"{path.name}: objective metric is evaluated"
         for c in paper.claims:
             assert c.metric in _metric_names(exp), f"{path.name}: claim metric {c.metric} is evaluated"
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)
+def test_dry_run_plans_the_seed_range(workdir, path, capsys):
+    """``python -m core.run X.yaml --dry-run`` plans every shipped sweep: a grid's seed range as
+    min to max seeds and the runs' range (max only in the cells a claim compares)."""
+    import re
+
+    from core.run import main
+
+    assert main([str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    raw = read_yaml(path)
+    if raw["sweep"].get("sampler") == "tpe":
+        assert re.search(r"^# \d+ TPE trials x \d+ seeds", out, re.M), out
+        return
+    exp = validate(raw)
+    sw = sweep.parse_sweep(exp.sweep)
+    labels = list(dict.fromkeys(sweep.cell_label(pt) for pt in sweep.grid_points(sw)))
+    compared = {c for claim in report.parse_paper(exp.paper).claims for c in claim.cells()}
+    n = len(labels)
+    most = 10 * len(compared) + 3 * (n - len(compared))
+    assert f"# {n} cells x 3 to 10 seeds = {3 * n} to {most} runs: seeds 0..2 in every cell" in out, out
+    assert not (workdir / "optuna_journal.log").exists()  # a plan writes nothing
 
 
 def _metric_names(exp):

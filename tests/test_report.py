@@ -96,7 +96,9 @@ def test_render_puts_paper_figures_beside_ours_and_verdicts():
     values = {"a": {"acc": [80.0, 82.0]}, "b": {"acc": [70.0, 72.0]}}
     md, verdicts = render("t", p, values, ["b", "a"], [], {"wall_s": 120.0, "busy_s": 240.0, "runs": 4})
     rows = [line for line in md.splitlines() if line.startswith("| b |") or line.startswith("| a |")]
-    assert rows == ["| b | 2 | 71.00 ± 1.41 | 41.0 |", "| a | 2 | 81.00 ± 1.41 | 46.1 |"]
+    # mean ± t(0.975, n - 1) s / sqrt(n): s = sqrt(2), n = 2 -> 12.706 (not the std, 1.41)
+    assert rows == ["| b | 2 | 71.00 ± 12.71 | 41.0 |", "| a | 2 | 81.00 ± 12.71 | 46.1 |"]
+    assert "## Results (mean over seeds ± half-width of its 95% confidence interval: Student t" in md
     assert "| a beats b | acc | **holds** | +10 | Welch t, 2 seeds: +10 [3.92, 16.1] (95% CI), p = 0.019 |" in md
     assert "wall time 2.0 min" in md
     assert verdicts[0][1] == HOLDS and verdicts[0][4].to_json()["verdict"] == HOLDS
@@ -118,5 +120,48 @@ def test_render_accepts_seed_maps():
     p = paper([{"better": "a", "than": "b", "metric": "acc"}], metrics={"acc": "higher"})
     values = {"a": {"acc": {0: 80.0, 1: 82.0}}, "b": {"acc": {0: 70.0, 1: 72.5}}}
     md, verdicts = render("t", p, values, ["b", "a"], [], {"wall_s": 1.0, "busy_s": 1.0, "runs": 4})
-    assert "| b | 2 | 71.25 ± 1.77 |" in md and "| a | 2 | 81.00 ± 1.41 |" in md  # means of values, not of seeds
+    # means of values, not of seeds; b: s = 2.5 / sqrt(2), half-width 12.706 * 2.5 / 2 = 15.88
+    assert "| b | 2 | 71.25 ± 15.88 |" in md and "| a | 2 | 81.00 ± 12.71 |" in md
     assert verdicts[0][4].test == "paired t" and verdicts[0][4].diffs == {"0": 10.0, "1": 9.5}
+
+
+def test_results_table_and_json_give_each_cell_a_t_interval(tmp_path):
+    """Per cell and metric: mean ± t_{n-1}(1 - alpha/2) s / sqrt(n), in the table and in reports/<name>.json."""
+    import json
+
+    from core.report import write_claims
+
+    p = paper([{"better": "a", "than": "b", "metric": "acc"}], metrics={"acc": "higher"})
+    # a: mean 2, s 1, n 3 -> 4.303 / sqrt(3) = 2.484; b: one seed, no interval
+    values = {"a": {"acc": {0: 1.0, 1: 2.0, 2: 3.0}}, "b": {"acc": {0: 0.5}}}
+    md, verdicts = render("t", p, values, ["a", "b"], [], {"wall_s": 1.0, "busy_s": 1.0, "runs": 4})
+    assert "| a | 3 | 2.00 ± 2.48 |" in md and "| b | 1 | 0.500 |" in md
+    md90, _ = render("t", paper([], metrics={"acc": "higher"}, alpha=0.1), values, ["a"], [], {"wall_s": 1.0, "busy_s": 1.0, "runs": 3})
+    assert "its 90% confidence interval" in md90 and "| a | 3 | 2.00 ± 1.69 |" in md90  # t(0.95, 2) = 2.920 / sqrt(3)
+    info = {"paper": p, "verdicts": verdicts, "values": values, "order": ["a", "b"], "study": "s", "seeds": {}}
+    path, _ = write_claims(info, tmp_path, "t")
+    doc = json.loads(path.read_text())
+    assert {"experiment", "study", "source", "alpha", "seeds", "claims"} <= set(doc)  # the keys readers had
+    a = doc["cells"]["a"]["acc"]
+    assert (a["mean"], a["n"], a["ci_level"]) == (2.0, 3, 0.95)
+    assert a["ci"] == pytest.approx([2.0 - 4.302653 / math.sqrt(3), 2.0 + 4.302653 / math.sqrt(3)])
+    assert doc["cells"]["b"]["acc"] == {"mean": 0.5, "ci": [None, None], "ci_level": 0.95, "n": 1}
+
+
+def test_inconclusive_claim_says_how_many_seeds_would_decide_it_in_markdown_and_json(tmp_path):
+    import json
+
+    from core import stats
+    from core.report import write_claims
+
+    # paired differences 1, -0.5, 2: a real-looking effect, too noisy for 3 seeds
+    values = {"a": {"acc": {0: 11.0, 1: 9.5, 2: 12.0}}, "b": {"acc": {0: 10.0, 1: 10.0, 2: 10.0}}}
+    p = paper([{"better": "a", "than": "b", "metric": "acc"}], metrics={"acc": "higher"})
+    md, verdicts = render("t", p, values, ["a", "b"], [], {"wall_s": 1.0, "busy_s": 1.0, "runs": 6})
+    res = verdicts[0][4]
+    d = [1.0, -0.5, 2.0]
+    need = stats.seeds_needed(sum(d) / 3, float(__import__("statistics").stdev(d)))
+    assert res.verdict == INCONCLUSIVE and res.seeds_needed == need and 3 < need < 50
+    assert f"about {need} seeds would decide it" in md
+    path, _ = write_claims({"paper": p, "verdicts": verdicts, "values": values, "order": ["a", "b"]}, tmp_path, "t")
+    assert json.loads(path.read_text())["claims"][0]["seeds_needed"] == need

@@ -108,6 +108,23 @@ def test_seed_range_config():
                      "seeds": {"min": 2, "max": 4}, "objective": {"metric": "psnr"}})
 
 
+def test_seed_range_is_one_error_line_where_it_cannot_work(tmp_path, capsys):
+    """A seed range without claims to decide (or with TPE): one line at sweep.seeds, exit 2, nothing written."""
+    from core.run import main
+
+    path = write(tmp_path, **{"paper.claims": []})
+    for args in ([str(path)], [str(path), "--dry-run"]):
+        assert main(args) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and err[0].startswith("error: sweep.seeds: a seed range {min, max} adds seeds until"), err
+    path = write(tmp_path, **{"paper.claims": [], "sweep.space": {"train.optimizer.lr": {"low": 1e-4, "high": 1e-2}},
+                              "sweep.sampler": "tpe", "sweep.n_trials": 2})
+    assert main([str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "needs sampler grid" in err[0], err
+    assert not (tmp_path / "journal.log").exists() and not (tmp_path / "runs").exists()
+
+
 REAL_SPACE = {"train.optimizer.lr": {"choices": {"fast": 3e-2, "still": 1e-9}},
               # a logging option changes nothing: with the paired design both cells give equal metrics
               "train.log_every": {"choices": {"l1": 1, "l2": 2}, "when": {"train.optimizer.lr": "still"}}}
@@ -157,6 +174,13 @@ def test_report_json_and_claim_plots_on_the_parent_run(tmp_path, fake_runs):
     assert c0["ci"][0] > 0 and c0["text"] == "vq16 better than mcq2x8"
     assert (c1["verdict"], c1["n"]) == ("inconclusive", 4)
     assert {int(s): d for s, d in c1["diffs"].items()} == pytest.approx({s: 2.0 * (-1) ** s for s in range(4)})
+    # per cell and metric: mean, t-interval and n over the seeds the cell ran (3, or 4 where a claim stayed open)
+    vq = doc["cells"]["vq16"]["psnr"]
+    assert vq["n"] == 4 and vq["mean"] == pytest.approx(sum(value("vq16", s) for s in range(4)) / 4)
+    assert vq["ci"][0] < vq["mean"] < vq["ci"][1] and doc["cells"]["mcq2x8"]["psnr"]["n"] == 3
+    md = (out / "tiny_sweep.md").read_text()
+    assert "seeds 3 to 4 per cell until the claims are decided" in md and "not in sweep.seeds" not in md
+    assert "Seeds per cell: vq16: 0, 1, 2, 3; mcq2x8: 0, 1, 2; rq: 0, 1, 2, 3." in md
     for i in (0, 1):
         assert (out / f"tiny_sweep.claim{i}.png").stat().st_size > 1000
     from mlflow.tracking import MlflowClient
@@ -184,3 +208,85 @@ def test_claim_plot_order_claim_has_a_panel_per_pair(tmp_path):
     two = claim_plot(res, tmp_path / "two.png")
     w1, w2 = matplotlib.image.imread(one).shape[1], matplotlib.image.imread(two).shape[1]
     assert w2 == pytest.approx(2 * w1, rel=0.02)  # two panels, each as wide as a single claim's
+
+
+@pytest.fixture
+def timed_runs(monkeypatch):
+    """Cell runs that take one minute of a fake clock each (a killed one half a minute)."""
+    from core.sweep import adaptive
+
+    now = [1000.0]
+    calls: list[str] = []
+    stop_at: list[str] = []
+
+    def run_cell(exp, choices, seed, trial, rec, parent_id, on_eval=None):
+        key = f"{rec.cell}#seed={seed}"
+        if key in stop_at:
+            now[0] += 30.0
+            raise KeyboardInterrupt
+        now[0] += 60.0
+        calls.append(key)
+        return {"psnr": value(rec.cell, seed)}
+
+    monkeypatch.setattr(workers, "run_cell", run_cell)
+    monkeypatch.setattr(adaptive, "clock", lambda: now[0])
+    return calls, stop_at
+
+
+def test_budget_counts_the_time_of_earlier_killed_commands(tmp_path, timed_runs, capsys):
+    """budget 10 min, 1 min per run: 9 runs at the minimum, one round of 2 seeds, then spent. Killed
+    during that round and re-run, the second command starts from the first one's 9.5 min (recorded in
+    the study) and stops after finishing the round; counting only its own 2 min it would go to max."""
+    from core.sweep import adaptive
+    from core.sweep import study as st
+
+    calls, stop_at = timed_runs
+    path = write(tmp_path, **{"sweep.seeds": {"min": 3, "max": 6, "budget_minutes": 10}})
+    stop_at.append("rq#seed=3")
+    assert run_sweep(path) == 130
+    assert len(calls) == 9 and "rq#seed=3" not in calls
+    _, exp = load(path)
+    study = st.open_study(exp, exp.sweep, create=False)
+    assert adaptive.spent_seconds(study) == pytest.approx(9 * 60 + 30)
+    stop_at.clear()
+    calls.clear()
+    capsys.readouterr()
+    assert run_sweep(path) == 0
+    err = capsys.readouterr().err
+    assert "seed budget: 9.5 of 10 min spent by earlier commands" in err
+    assert "the seed budget of 10 min is spent (11.5 min over this study's commands)" in err
+    assert sorted(calls) == ["rq#seed=3", "vq16#seed=3"]  # the killed round finished, nothing added
+    got = _complete(path)
+    assert got["vq16"] == got["rq"] == {0, 1, 2, 3} and got["mcq2x8"] == {0, 1, 2}
+    assert adaptive.spent_seconds(study) == pytest.approx(11.5 * 60)
+    calls.clear()
+    assert run_sweep(path) == 0 and calls == []  # spent: a third command adds nothing
+
+
+def test_one_progress_display_for_the_whole_adaptive_sweep(tmp_path, fake_runs, monkeypatch, capsys):
+    """Rounds that add seeds grow the total of the one display; its count never restarts."""
+    import re
+
+    from core import progress
+
+    made = []
+
+    class Recorded(progress.SweepProgress):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            made.append(self)
+
+    monkeypatch.setattr(progress, "SweepProgress", Recorded)
+    path = write(tmp_path)
+    assert run_sweep(path) == 0
+    err = capsys.readouterr().err
+    assert len(made) == 1 and made[0].done == made[0].total == 3 + 6 + 6
+    counts = [(int(a), int(b)) for a, b in re.findall(r"^\[\s*(\d+)/(\d+)\] ", err, re.M)]
+    assert [a for a, _ in counts] == list(range(1, 16))
+    totals = [b for _, b in counts]
+    assert totals[0] == 9 and totals == sorted(totals) and totals[-1] == 15  # 9, then +2 per added seed
+    assert err.count("claims still open: 2 more runs") == 3
+    # the planner's line comes after the round's runs landed
+    lines = err.splitlines()
+    first_open = next(i for i, line in enumerate(lines) if "claims still open" in line)
+    assert sum(1 for line in lines[:first_open] if re.match(r"^\[\s*\d+/\d+\] ", line)) == 9

@@ -209,6 +209,30 @@ def test_sweep_progress_lines_and_eta_from_a_fake_clock():
     assert fmt_duration(3725) == "1h02m" and fmt_duration(None) == "?"
 
 
+def test_sweep_progress_grows_its_total_without_restarting():
+    """A seed range adds runs: the same bar, a larger total, the ETA over the runs still left."""
+    from core.progress import SweepProgress
+
+    now = [0.0]
+    out = io.StringIO()
+    p = SweepProgress(total=2, objective="psnr", bar=True, stream=out, clock=lambda: now[0])
+    now[0] = 10.0
+    p.landed("a seed 0", 1.0)
+    now[0] = 20.0
+    p.landed("b seed 0", 2.0)
+    assert p.eta() == 0.0
+    bar = p.bar
+    p.grow(4)
+    p.write("vtok sweep: claims still open: 2 more runs")
+    assert p.bar is bar and (p.total, p.done, bar.total, bar.n) == (4, 2, 4, 2)
+    assert p.eta() == pytest.approx(20.0)  # 10 s per run since the start, 2 left
+    now[0] = 30.0
+    assert p.landed("a seed 1", 3.0) == "[3/4] a seed 1: psnr 3; 1 left, about 10s"
+    p.close()
+    text = out.getvalue()
+    assert "vtok sweep: claims still open: 2 more runs\n" in text and "4/4 runs" not in text and "3/4 runs" in text
+
+
 def test_study_watcher_reports_each_finished_trial_once():
     import optuna
 

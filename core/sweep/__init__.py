@@ -43,10 +43,18 @@ def print_plan(exp: Any, sw: SweepConfig, cells: list[Cell]) -> None:
           f"storage {st.display_storage(sw.storage_url())}, workers {sw.workers}")
     if sw.sampler == "grid":
         labels = list(dict.fromkeys(c.label for c in cells))
-        print(f"# {len(labels)} cells x {len(sw.seeds)} seeds = {len(cells)} runs"
-              + (f"; then up to {sw.seed_range.max} seeds in the cells an open claim compares"
-                 + (f", within {sw.seed_range.budget_minutes:g} min" if sw.seed_range.budget_minutes else "")
-                 if sw.seed_range else ""))
+        rng = sw.seed_range
+        if rng is None:
+            print(f"# {len(labels)} cells x {len(sw.seeds)} seeds = {len(cells)} runs")
+        else:
+            from core import stats
+
+            compared = {c for claim in (exp.paper or Paper()).claims for c in claim.cells()} & set(labels)
+            most = len(compared) * rng.max + (len(labels) - len(compared)) * rng.min
+            print(f"# {len(labels)} cells x {rng.min} to {rng.max} seeds = {len(cells)} to {most} runs: seeds 0..{rng.min - 1} "
+                  f"in every cell, then one seed at a time in the {len(compared)} cells the claims compare while a claim "
+                  f"is open ({stats.design_for(rng).describe()})"
+                  + (f", within {rng.budget_minutes:g} min of sweep wall time" if rng.budget_minutes else ""))
         for pt in grid_points(sw):
             print(f"{cell_label(pt)}: " + ", ".join(f"{k}={runs.choice_params({k: v})['sweep.' + k]}" for k, v in pt.items()))
     else:
@@ -95,29 +103,38 @@ def main(path: str, raw: dict[str, Any], exp: Any, dry_run: bool = False, overri
         print(f"vtok sweep: study '{study.study_name}' ({storage}): {done} of {sw.n_trials} trials done", file=sys.stderr)
     parent_id = runs.parent_run(exp, sw, study, total)
     t0 = time.perf_counter()
+    spent = adaptive.SpentTime(study) if sw.seed_range is not None else None
+    budget = sw.seed_range.budget_minutes if sw.seed_range is not None else None
+    if budget is not None and adaptive.spent_seconds(study):
+        print(f"vtok sweep: seed budget: {adaptive.spent_seconds(study) / 60:.1f} of {budget:g} min spent by earlier "
+              "commands of this study", file=sys.stderr)
     clean = False
     since = len(study.get_trials(deepcopy=False))
     try:
-        with watch(study, sw, exp, total):
+        # one display for the whole sweep: rounds that add seeds grow its total
+        with watch(study, sw, exp, total, on_landed=spent.save if spent else None) as watcher:
             failed, interrupted, errors = run_workers(raw, sw)
-        while sw.seed_range is not None and not interrupted and not errors:  # seeds until decided
-            budget = sw.seed_range.budget_minutes
-            if budget is not None and time.perf_counter() - t0 > 60 * budget:
-                print(f"vtok sweep: the seed budget of {budget:g} min is spent", file=sys.stderr)
-                break
-            more, _ = adaptive.next_cells(study, sw, exp.paper or Paper(), since)
-            added = st.enqueue_missing(study, more)
-            if not added:
-                break
-            keys = list(dict.fromkeys([*keys, *(c.key for c in more)]))
-            total = len(keys)
-            print(f"vtok sweep: claims still open: {added} more runs ("
-                  + ", ".join(c.key for c in more) + ")", file=sys.stderr)
-            with watch(study, sw, exp, total):
+            while spent is not None and not interrupted and not errors:  # seeds until decided
+                watcher.poll()  # this round's lines before the planner's
+                spent.save()
+                if budget is not None and spent.total() >= 60 * budget:
+                    watcher.progress.write(f"vtok sweep: the seed budget of {budget:g} min is spent "
+                                           f"({spent.total() / 60:.1f} min over this study's commands)")
+                    break
+                more, _ = adaptive.next_cells(study, sw, exp.paper or Paper(), since)
+                added = st.enqueue_missing(study, more)
+                if not added:
+                    break
+                keys = list(dict.fromkeys([*keys, *(c.key for c in more)]))
+                watcher.progress.grow(len(keys))
+                watcher.progress.write(f"vtok sweep: claims still open: {added} more runs ("
+                                       + ", ".join(c.key for c in more) + ")")
                 f, interrupted, errors = run_workers(raw, sw)
-            failed += f
+                failed += f
         clean = not interrupted and not errors
     finally:
+        if spent is not None:
+            spent.save()
         if not clean:  # nothing is left RUNNING or WAITING by this command
             stale = st.fail_stale(study, mine=True)
             runs.close_runs([rid for _, rec in stale for rid in rec.run_ids.values()], exp.tracking, "KILLED")
@@ -137,8 +154,9 @@ def main(path: str, raw: dict[str, Any], exp: Any, dry_run: bool = False, overri
     return 1 if failed or errors else 0
 
 
-def watch(study: Any, sw: SweepConfig, exp: Any, total: int) -> Any:
-    """A live line per landed run (cell, seed, objective) and a whole-sweep bar with an ETA (core.progress)."""
+def watch(study: Any, sw: SweepConfig, exp: Any, total: int, on_landed: Any = None) -> Any:
+    """A live line per landed run (cell, seed, objective) and a whole-sweep bar with an ETA (core.progress);
+    ``on_landed()`` is called after runs landed."""
     from core.progress import StudyWatcher, SweepProgress
 
     per_trial = 1 if sw.sampler == "grid" else len(sw.seeds)
@@ -157,7 +175,7 @@ def watch(study: Any, sw: SweepConfig, exp: Any, total: int) -> Any:
 
     done = sum(runs_of(t) for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE")
     progress = SweepProgress(total, min(done, total), sw.objective.metric, bar=exp.train.progress)
-    return StudyWatcher(study, progress, label, runs_of)
+    return StudyWatcher(study, progress, label, runs_of, on_landed=on_landed)
 
 
 def summarise(raw: dict[str, Any], exp: Any, overrides: Sequence[str] = ()) -> None:

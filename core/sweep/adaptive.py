@@ -5,18 +5,57 @@ with core.stats' group-sequential design for the range: repeated intervals, vali
 and each still open pair of cells a claim compares (``ClaimResult.open_pairs``) gets one more seed —
 the same seed in both cells: the lowest seed below ``max`` the two cells do not both have. The
 workers run the added trials, and the claims are judged again, until every claim is decided, every
-open pair has ``max`` seeds or the command's wall-time budget is spent.
+open pair has ``max`` seeds or the wall-time budget is spent.
 
 The state is the study's trials: which (cell, seed) was planned is a trial, a (cell, seed) that has
 a COMPLETE (or live) trial is never enqueued again, and a re-run re-enqueues the planned trials a
 killed command did not finish, then judges again from what completed.
+
+The budget (``budget_minutes``) is the sweep's wall time over all its commands, not one command's:
+each command records its own running time in a study attribute of its own (``SPENT`` + host, pid
+and start time; no two commands write the same key, so concurrent commands on several machines
+never lose each other's time, and both count), saved whenever a trial lands, after every round and
+when the command stops (Ctrl-C, SIGTERM, an error). A command killed outright (SIGKILL) loses at
+most the time since its last landed trial. Before adding seeds the planner sums every command's
+time; once the sum reaches the budget no more seeds are added (the minimum seeds, and seeds an
+earlier round planned that a killed command did not finish, still run).
 """
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from core.sweep import study as st
 from core.sweep.space import Cell, SweepConfig, cell_label, grid_points, pool
+
+
+SPENT = "vtok.sweep_seconds:"  # study user attribute + command id -> that command's running time (s)
+clock = time.monotonic  # the running time's clock (tests replace it)
+
+
+def spent_seconds(study: Any, but: str | None = None) -> float:
+    """The sweep's running time over every command recorded in the study (except key ``but``)."""
+    attrs = study.user_attrs  # read from the storage now: other commands may have written since
+    return float(sum(v for k, v in attrs.items() if k.startswith(SPENT) and k != but and isinstance(v, (int, float))))
+
+
+class SpentTime:
+    """This command's share of the sweep's running time, recorded in the study (see the module doc)."""
+
+    def __init__(self, study: Any) -> None:
+        self.study = study
+        self.key = f"{SPENT}{st.owner()}:{time.time():.3f}"
+        self.t0 = clock()
+
+    def mine(self) -> float:
+        return clock() - self.t0
+
+    def save(self) -> None:
+        st.set_attr(self.study, self.key, round(self.mine(), 3))
+
+    def total(self) -> float:
+        """Seconds spent by the earlier (and concurrent) commands plus this one's so far."""
+        return spent_seconds(self.study, but=self.key) + self.mine()
 
 
 def planned(study: Any, sw: SweepConfig) -> list[Cell]:

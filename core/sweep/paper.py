@@ -128,6 +128,9 @@ def check_study(raw: dict[str, Any], exp: Any, reg: Any) -> None:
     cells = {cell_label(pt): cell for pt, cell in points}
     if sw.sampler == "grid":
         check_paper(paper, list(cells))
+        if sw.seed_range is not None and not paper.claims:
+            raise ConfigError("sweep.seeds", "a seed range {min, max} adds seeds until the paper's claims are decided, "
+                              "and this experiment has no paper.claims: state claims, or give a list of seeds")
         for label, cell in cells.items():
             check_metric("sweep.objective.metric", sw.objective.metric, cell, reg, label)
         for i, c in enumerate(paper.claims):

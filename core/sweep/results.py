@@ -81,13 +81,14 @@ def collect(trials: list[TrialView], sampler: str) -> tuple[dict[str, dict[str, 
     return values, failed, {"wall_s": wall, "busy_s": busy, "runs": len(starts)}, {c: sorted(s) for c, s in seeds.items()}
 
 
-def seeds_line(order: list[str], seeds: dict[str, list[int]], planned: list[int]) -> str:
-    """``Seeds per cell: a: 0, 1, 2; b: 0 (missing 1, 2)`` — what each cell actually has."""
+def seeds_line(order: list[str], seeds: dict[str, list[int]], planned: list[int], up_to: int | None = None) -> str:
+    """``Seeds per cell: a: 0, 1, 2; b: 0 (missing 1, 2)`` — what each cell actually has. ``up_to``:
+    a seed range's max (seeds below it that were added are expected, not extra)."""
     parts = []
     for c in order:
         have = seeds.get(c, [])
         missing = [s for s in planned if s not in have]
-        extra = [s for s in have if s not in planned]
+        extra = [s for s in have if s not in planned and not (up_to is not None and 0 <= s < up_to)]
         text = ", ".join(map(str, have)) or "none"
         if missing:
             text += f" (missing {', '.join(map(str, missing))})"

@@ -99,12 +99,13 @@ class Pruning(Strict):
 class SeedRange(Strict):
     """``seeds: {min: 3, max: 12, budget_minutes: 60}``: seeds until decided (grid only). Every cell
     runs seeds 0 .. min-1; then seeds are added one at a time to both cells of every pair a still
-    open claim compares, until every claim is decided, ``max`` seeds or the wall-time budget of the
-    command is spent (core.sweep.adaptive; judged with core.stats' group-sequential design)."""
+    open claim compares, until every claim is decided, ``max`` seeds or the wall-time budget is spent
+    (the sweep's running time over all its commands, recorded in the study; core.sweep.adaptive;
+    judged with core.stats' group-sequential design)."""
 
     min: int = Field(3, ge=2)
     max: int = Field(12, ge=2)
-    budget_minutes: Optional[float] = Field(None, gt=0)  # wall time of one command; none: no limit
+    budget_minutes: Optional[float] = Field(None, gt=0)  # wall time over every command of the sweep; none: no limit
 
     @model_validator(mode="after")
     def _order(self) -> "SeedRange":
