@@ -34,7 +34,7 @@ from typing import Any, Callable, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from core.errors import ConfigError
+from core.errors import ConfigError, one_line
 
 SCHEMA = 1
 DIGITS = 6  # significant digits of every stored float
@@ -252,11 +252,13 @@ def dumps(data: dict[str, Any]) -> str:
 
 
 def write_results(data: dict[str, Any], results_dir: Path) -> Path:
-    ResultsData.model_validate(data)  # never write a file the page cannot read
+    # the validated, complete form (defaults filled in): never a file the page cannot read, and
+    # loading then writing a record gives the same bytes
+    text = dumps(ResultsData.model_validate(json.loads(dumps(data))).model_dump(by_alias=True, mode="json"))
     results_dir.mkdir(parents=True, exist_ok=True)
     path = results_dir / f"{data['experiment']}.json"
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(dumps(data))
+    tmp.write_text(text)
     tmp.replace(path)
     return path
 
@@ -376,7 +378,7 @@ def progress_text(e: Experiment, data: dict[str, Any] | None) -> str:
 
 def run_plan(plan: list[tuple[Experiment, str]], results_dir: Path, budget_min: float | None = None,
              runner: Callable[[Experiment, list[str]], int] = run_experiment,
-             collector: Callable[[Experiment, list[str]], dict[str, Any]] = collect,
+             collector: Callable[[Experiment, list[str]], dict[str, Any] | None] = collect,
              clock: Callable[[], float] = time.monotonic) -> int:
     """Run each planned experiment (stop starting new ones once ``budget_min`` is spent); after each
     paper experiment write its results record. Exit status: 0, 1 (an experiment failed), 130 (stopped)."""
@@ -407,9 +409,10 @@ def run_plan(plan: list[tuple[Experiment, str]], results_dir: Path, budget_min: 
         if code in (0, 1) and e.paper:
             try:
                 data = collector(e, overrides)
-                print(f"vtok reproduce: results {write_results(data, results_dir)}", file=sys.stderr)
+                if data is not None:
+                    print(f"vtok reproduce: results {write_results(data, results_dir)}", file=sys.stderr)
             except Exception as err:  # noqa: BLE001 - the runs are stored; a later --only run collects them
-                print(f"vtok reproduce: {e.name}: no results record ({type(err).__name__}: {err})", file=sys.stderr)
+                print(f"vtok reproduce: {e.name}: no results record ({type(err).__name__}: {one_line(err)})", file=sys.stderr)
                 code = code or 1
         print(f"vtok reproduce: [{i}/{n}] {e.name}: {progress_text(e, data)}, {(clock() - start) / 60:.1f} min "
               f"(total {(clock() - t0) / 60:.1f} min){'' if code == 0 else f'; exit status {code}'}", file=sys.stderr)
@@ -468,10 +471,14 @@ def _figures_text(cells: list[str], figures: dict[str, dict[str, Any]], metric: 
 
     def show(f: dict[str, Any]) -> str:
         items = [(key, f.get(key))] if key is not None else list(f.items())
-        return ", ".join(f"{k} {'–' if v is None else v}" for k, v in items)
+        return ", ".join(f"{k} {_fig(v)}" for k, v in items)
 
     parts = [f"{c}: {show(figures[c])}" for c in cells if figures.get(c)]
     return "; ".join(parts) or "–"
+
+
+def _fig(v: Any) -> str:
+    return "–" if v is None else str(v)
 
 
 def _dataset(d: dict[str, Any]) -> str:
@@ -517,12 +524,20 @@ class Entry:
                 for i, c in enumerate(self.paper.claims)]
 
     @property
+    def source(self) -> str:
+        return self.data["paper"]["source"] if self.data is not None else self.paper.source
+
+    @property
+    def note(self) -> str:
+        return self.data["paper"].get("note", "") if self.data is not None else self.paper.note
+
+    @property
     def dataset(self) -> str:
         return _dataset(self.data["dataset"] if self.data else (self.exp.raw.get("data") or {}))
 
     def sort_key(self) -> tuple[Any, ...]:
-        p, _ = paper_ref(self.paper.source)
-        return (PAPERS.index(p) if p in PAPERS else len(PAPERS), self.paper.source, self.exp.name)
+        p, _ = paper_ref(self.source)
+        return (PAPERS.index(p) if p in PAPERS else len(PAPERS), self.source, self.exp.name)
 
 
 def _claim_words(c: Any) -> str:
@@ -566,7 +581,7 @@ def build_page(exps: dict[str, Experiment], data: dict[str, dict[str, Any]], plo
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for en, c in claims:
-        p, t = paper_ref(en.paper.source)
+        p, t = paper_ref(en.source)
         lines.append("| " + " | ".join([p, t, _esc(c["text"]), c["metric"],
                                           _esc(_figures_text(c["cells"], c.get("paper_figures") or {}, c["metric"])),
                                           _effect(c), _verdict(c), en.dataset, f"[{en.exp.name}](#{en.exp.name})"]) + " |")
@@ -576,9 +591,9 @@ def build_page(exps: dict[str, Experiment], data: dict[str, dict[str, Any]], plo
 
 
 def section(en: Entry, plots: list[tuple[str, str]]) -> list[str]:
-    e, paper, d = en.exp, en.paper, en.data
-    out = [f"## {e.name}", "", f"`{e.path.parent.name}/{e.path.name}`. Paper: {_esc(paper.source) or '–'}."
-           + (f" {paper.note}" if paper.note else "")]
+    e, d = en.exp, en.data
+    out = [f"## {e.name}", "", f"`{e.path.parent.name}/{e.path.name}`. Paper: {_esc(en.source) or '–'}."
+           + (f" {en.note}" if en.note else "")]
     if d is None:
         what, _ = shape(e)
         out += ["", f"**Not run.** Planned: {what}, {_dataset(e.raw.get('data') or {})}. "
@@ -608,7 +623,7 @@ def section(en: Entry, plots: list[tuple[str, str]]) -> list[str]:
                                      for k, v in d["trial_params"][c].items()) + ")" if c in d["trial_params"] else ""),
                ", ".join(sorted(per_seed, key=int)) or "–"]
         row += [_cell_fmt([per_seed[s].get(m) for s in per_seed]) for m in metrics]
-        row += [str(d["paper"]["figures"].get(c, {}).get(p, "–")) for p in fig_cols]
+        row += [_fig(d["paper"]["figures"].get(c, {}).get(p)) for p in fig_cols]
         out.append("| " + " | ".join(_esc(x) for x in row) + " |")
     if d["claims"]:
         out += ["", "### Claims", "", "| claim | metric | verdict | a − b [CI] | test | n | seeds needed |", "|---|---|---|---|---|---|---|"]
