@@ -167,6 +167,14 @@ def shape(e: Experiment) -> tuple[str, int]:
     return f"grid {n} cells x {seeds_text(e.raw['sweep'].get('seeds'))}, {steps} steps", n * len(sw.seeds)
 
 
+def cells_text(e: Experiment) -> str:
+    """``grid 4 cells`` / ``tpe 16 trials``."""
+    from core.sweep.space import grid_points, parse_sweep
+
+    sw = parse_sweep(e.raw["sweep"])
+    return f"tpe {sw.n_trials} trials" if sw.sampler == "tpe" else f"grid {len(list(grid_points(sw)))} cells"
+
+
 def print_plan(plan: list[tuple[Experiment, str]], results_dir: Path, budget: float | None) -> None:
     print(f"vtok reproduce: {len(plan)} experiment(s)" + (f", budget {budget:g} min" if budget else ", no budget"))
     for i, (e, why) in enumerate(plan, 1):
@@ -404,16 +412,20 @@ def run_plan(plan: list[tuple[Experiment, str]], results_dir: Path, budget_min: 
         what, _ = shape(e)
         print(f"vtok reproduce: [{i}/{n}] {e.name} ({e.path}): {what}", file=sys.stderr)
         start = clock()
-        code = runner(e, overrides)
         data = None
-        if code in (0, 1) and e.paper:
-            try:
-                data = collector(e, overrides)
-                if data is not None:
-                    print(f"vtok reproduce: results {write_results(data, results_dir)}", file=sys.stderr)
-            except Exception as err:  # noqa: BLE001 - the runs are stored; a later --only run collects them
-                print(f"vtok reproduce: {e.name}: no results record ({type(err).__name__}: {one_line(err)})", file=sys.stderr)
-                code = code or 1
+        try:
+            code = runner(e, overrides)
+            if code in (0, 1) and e.paper:
+                try:
+                    data = collector(e, overrides)
+                    if data is not None:
+                        print(f"vtok reproduce: results {write_results(data, results_dir)}", file=sys.stderr)
+                except Exception as err:  # noqa: BLE001 - the runs are stored; a later --only run collects them
+                    print(f"vtok reproduce: {e.name}: no results record ({type(err).__name__}: {one_line(err)})",
+                          file=sys.stderr)
+                    code = code or 1
+        except KeyboardInterrupt:  # between runs (a run's own Ctrl-C is core.run's exit status 130)
+            code = 130
         print(f"vtok reproduce: [{i}/{n}] {e.name}: {progress_text(e, data)}, {(clock() - start) / 60:.1f} min "
               f"(total {(clock() - t0) / 60:.1f} min){'' if code == 0 else f'; exit status {code}'}", file=sys.stderr)
         if code == 130:
@@ -594,9 +606,8 @@ def section(en: Entry, plots: list[tuple[str, str]]) -> list[str]:
     e, d = en.exp, en.data
     out = [f"## {e.name}", "", f"`{e.path.parent.name}/{e.path.name}`. Paper: {_esc(en.source) or '–'}."
            + (f" {en.note}" if en.note else "")]
-    if d is None:
-        what, _ = shape(e)
-        out += ["", f"**Not run.** Planned: {what}, {_dataset(e.raw.get('data') or {})}. "
+    if d is None:  # the plan's cells and dataset, not its seeds or steps: those are tuned often
+        out += ["", f"**Not run.** Planned: {cells_text(e)}, {_dataset(e.raw.get('data') or {})}. "
                 f"Run it with `python -m core.reproduce --only {e.name}`."]
         if en.claims:
             out += ["", "| claim | metric | paper's numbers |", "|---|---|---|"]

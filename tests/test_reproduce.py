@@ -295,7 +295,7 @@ def test_page_numbers_from_a_record(toy, tmp_path):
             "| shapes 32 px | [a_plain](#a_plain) |") in page
     assert "| UniWeTok | Table 2 |" not in page  # b_student has no claims
     assert "1 of 2 paper experiments have results; 1 claims: 0 decided" in page
-    assert "**Not run.** Planned: grid 2 cells x seeds [0], None steps" in page  # b_student
+    assert "**Not run.** Planned: grid 2 cells, ?. Run it with `python -m core.reproduce --only b_student`." in page
     assert "![learning curves](results/a_plain.curves.png)" in page
 
 
@@ -353,3 +353,12 @@ def test_tiny_with_tracking_stores_learning_curves(tmp_path, monkeypatch):
             assert [s for s, _ in points] == [1, 2]  # eval_every 1 over 2 steps
             assert points[-1][1] == data["cells"][cell][seed]["psnr"]  # the last evaluation is the final metric
     assert (tmp_path / "docs" / "results" / "tiny.curves.png").is_file()
+
+
+def test_ctrl_c_outside_a_run_stops_the_plan_with_130(toy, tmp_path):
+    def collector(e, overrides):
+        raise KeyboardInterrupt
+
+    fake = Fake()
+    assert rp.run_plan(rp.resolve(None, toy), tmp_path / "results", None, fake.run, collector, fake.clock) == 130
+    assert [n for n, _ in fake.calls] == ["a_plain"]
