@@ -362,3 +362,40 @@ def test_ctrl_c_outside_a_run_stops_the_plan_with_130(toy, tmp_path):
     fake = Fake()
     assert rp.run_plan(rp.resolve(None, toy), tmp_path / "results", None, fake.run, collector, fake.clock) == 130
     assert [n for n, _ in fake.calls] == ["a_plain"]
+
+
+@pytest.mark.slow
+def test_killed_and_rerun_repeats_no_finished_run(tmp_path, monkeypatch, capsys):
+    """SIGINT to ``python -m core.reproduce`` after the first run landed, then the same command:
+    every (cell, seed) has exactly one finished trial, the interrupted one resumed from its checkpoint."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    monkeypatch.chdir(tmp_path)
+    path = write_tiny(tmp_path, tracking=False)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["train"].update(steps=200, eval_every=0, ckpt_every=0)
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "core.reproduce", *ARGS], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if line.startswith("[1/4] "):  # the first run landed; the second is training
+            proc.send_signal(signal.SIGINT)
+            break
+    _, rest = proc.communicate(timeout=120)
+    assert proc.returncode == 130, "".join(seen) + rest
+    assert "interrupted; run the same command to resume" in rest
+    first = {t.record.key: t.number for t in trial_records(path) if t.state == "COMPLETE"}
+    assert len(first) == 1
+    assert rp.main(ARGS) == 0
+    err = capsys.readouterr().err
+    assert "1 of 4 runs done" in err and "resuming" in err
+    done = [t for t in trial_records(path) if t.state == "COMPLETE"]
+    assert sorted(t.record.key for t in done) == sorted({f"{c}#seed={s}" for c in ("vq16", "vq4") for s in (0, 1)})
+    assert {k: n for k, n in first.items()} == {t.record.key: t.number for t in done if t.record.key in first}
+    assert json.loads((tmp_path / "results" / "tiny.json").read_text())["runs"]["finished"] == 4
