@@ -399,3 +399,33 @@ def test_killed_and_rerun_repeats_no_finished_run(tmp_path, monkeypatch, capsys)
     assert sorted(t.record.key for t in done) == sorted({f"{c}#seed={s}" for c in ("vq16", "vq4") for s in (0, 1)})
     assert {k: n for k, n in first.items()} == {t.record.key: t.number for t in done if t.record.key in first}
     assert json.loads((tmp_path / "results" / "tiny.json").read_text())["runs"]["finished"] == 4
+
+
+@pytest.mark.slow
+def test_shipped_teacher_and_student_shrunk_run_in_dependency_order(tmp_path, monkeypatch, capsys):
+    """clip_teacher.yaml and uniwetok_siglu.yaml as shipped, shrunk to 2 steps at 16 px: asking for
+    the student trains the teacher first, then the student distils from it and gets its record."""
+    from core.config import read_yaml, set_dotted
+
+    monkeypatch.chdir(tmp_path)
+    d = tmp_path / "experiments"
+    d.mkdir()
+    small = {"data.image_size": 16, "data.train_size": 64, "train.steps": 2, "train.batch_size": 8, "train.eval_size": 16,
+             "train.progress": False, "tracking": {"enabled": False}}
+    for name, extra in (("clip_teacher", {}),
+                        ("uniwetok_siglu", {"eval": [{"type": "psnr_ssim"}, {"type": "linear_probe"}],
+                                            "paper.metrics": {"linear_probe_top1": "higher", "psnr": "higher"},
+                                            "sweep.workers": 1, "sweep.seeds": [0, 1], "sweep.storage": "journal.log"})):
+        raw = read_yaml(ROOT / "experiments" / f"{name}.yaml")
+        for k, v in {**small, **extra}.items():
+            set_dotted(raw, k.split("."), v)
+        (d / f"{name}.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert rp.main([*ARGS, "--only", "uniwetok_siglu"]) == 0
+    err = capsys.readouterr().err
+    assert err.index("[1/2] clip_teacher") < err.index("[2/2] uniwetok_siglu")
+    assert "[1/2] clip_teacher: 1/1 runs done" in err and "[2/2] uniwetok_siglu: 6/6 runs done, 0 failed" in err
+    assert rp.teacher_ready("runs/clip_teacher")
+    data = json.loads((tmp_path / "results" / "uniwetok_siglu.json").read_text())
+    assert [c["metric"] for c in data["claims"]] and all(c["verdict"] in ("holds", "does not hold", "inconclusive")
+                                                          for c in data["claims"])
+    assert names(rp.resolve(["uniwetok_siglu"], rp.discover(d))) == ["uniwetok_siglu"]  # the teacher is there now
