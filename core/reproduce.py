@@ -357,7 +357,7 @@ def curves(exp: Any, trials: list[Any], metrics: list[str]) -> dict[str, Any]:
                         out.setdefault(m, {}).setdefault(cell, {})[str(seed)] = [[s, points[s]] for s in sorted(points)]
         return out
     except Exception as err:  # noqa: BLE001 - curves are a nicety: the final metrics are the data
-        print(f"vtok reproduce: no learning curves for {exp.name} ({type(err).__name__}: {err})", file=sys.stderr)
+        print(f"vtok reproduce: no learning curves for {exp.name} ({type(err).__name__}: {one_line(err)})", file=sys.stderr)
         return {}
 
 
@@ -407,8 +407,8 @@ def run_plan(plan: list[tuple[Experiment, str]], results_dir: Path, budget_min: 
         overrides = []
         seeds = (e.raw.get("sweep") or {}).get("seeds")
         if budget_min is not None and isinstance(seeds, dict):  # a seed range stops adding seeds within the budget
-            left = budget_min - spent
-            overrides.append(f"sweep.seeds.budget_minutes={min(left, seeds.get('budget_minutes') or left):.3f}")
+            left = min(budget_min - spent, seeds.get("budget_minutes") or math.inf)
+            overrides.append(f"sweep.seeds.budget_minutes={max(left, 0.01):.2f}")  # positive, plain decimal YAML
         what, _ = shape(e)
         print(f"vtok reproduce: [{i}/{n}] {e.name} ({e.path}): {what}", file=sys.stderr)
         start = clock()

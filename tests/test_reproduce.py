@@ -208,11 +208,15 @@ def test_seed_range_gets_the_budget_left(toy, tmp_path):
     e.raw["sweep"] = {**SWEEP, "seeds": {"min": 3, "max": 10, "budget_minutes": 100}}
     fake = Fake(minutes=4)
     rp.run_plan([(toy["teacher"], ""), (e, "")], tmp_path / "results", 30, fake.run, lambda e, o: None, fake.clock)
-    assert fake.calls == [("teacher", []), ("a_plain", ["sweep.seeds.budget_minutes=26.000"])]
+    assert fake.calls == [("teacher", []), ("a_plain", ["sweep.seeds.budget_minutes=26.00"])]
     e.raw["sweep"]["seeds"]["budget_minutes"] = 5
     fake.calls.clear()
     rp.run_plan([(e, "")], tmp_path / "results", 30, fake.run, lambda e, o: None, fake.clock)
-    assert fake.calls == [("a_plain", ["sweep.seeds.budget_minutes=5.000"])]
+    assert fake.calls == [("a_plain", ["sweep.seeds.budget_minutes=5.00"])]
+    fake.calls.clear()
+    fake.now = 0.0
+    rp.run_plan([(toy["teacher"], ""), (e, "")], tmp_path / "results", 4.0001, fake.run, lambda e, o: None, fake.clock)
+    assert fake.calls[1] == ("a_plain", ["sweep.seeds.budget_minutes=0.01"])  # never 0 (an invalid budget)
     fake.calls.clear()
     rp.run_plan([(e, "")], tmp_path / "results", None, fake.run, lambda e, o: None, fake.clock)
     assert fake.calls == [("a_plain", [])]  # no budget: the file's own
