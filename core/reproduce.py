@@ -22,6 +22,7 @@ curves from MLflow; floats to 6 significant digits, sorted keys, so a diff shows
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -286,14 +287,21 @@ def load_results(results_dir: str | Path) -> dict[str, dict[str, Any]]:
     return out
 
 
+@functools.lru_cache(maxsize=1)
+def git_state() -> dict[str, Any]:
+    """{commit, dirty} of the code, read once per command (``main`` reads it before writing anything:
+    the results files this command rewrites must not make later records say "dirty")."""
+    from core.tracking import git_dirty, git_sha
+
+    return {"commit": git_sha(), "dirty": git_dirty()}
+
+
 def collect(e: Experiment, overrides: list[str]) -> dict[str, Any]:
     """The finished study of ``e`` as a results record (also writes core.report's report under
     ``<out_dir>/../reports``, where the sweep itself writes it)."""
     from core import report
     from core.config import apply_overrides, read_yaml, validate
     from core.sweep import results, study as st
-    from core.tracking import git_dirty, git_sha
-
     file_raw = read_yaml(e.path)
     raw = apply_overrides(file_raw, overrides)
     exp = validate(raw)
@@ -322,7 +330,7 @@ def collect(e: Experiment, overrides: list[str]) -> dict[str, Any]:
     params = {f"#{t.number}": t.record.choices for t in trials if sw.sampler == "tpe" and f"#{t.number}" in values}
     return {
         "schema": SCHEMA, "experiment": exp.name, "file": f"{e.path.parent.name}/{e.path.name}",
-        "study": study.study_name, "git": {"commit": git_sha(), "dirty": git_dirty()},
+        "study": study.study_name, "git": git_state(),
         "dataset": {"type": exp.data.type, "image_size": exp.data.image_size}, "steps": exp.train.steps,
         "sampler": sw.sampler, "objective": {"metric": sw.objective.metric, "direction": sw.objective.direction},
         "planned_seeds": (raw.get("sweep") or {}).get("seeds", [0]), "seeds": seeds,
@@ -785,6 +793,7 @@ def main(argv: list[str] | None = None) -> int:
             print_plan(plan, results_dir, args.budget_minutes)
             return 0
         load_results(results_dir)  # a broken record is an error before hours of training, not after
+        git_state()
         code = run_plan(plan, results_dir, args.budget_minutes)
         print(f"vtok reproduce: page {write_page(exps, results_dir, page)}", file=sys.stderr)
         return code
