@@ -318,6 +318,7 @@ def test_tiny_end_to_end_and_rerun_repeats_nothing(tmp_path, monkeypatch, capsys
     assert data["cell_order"] == ["vq16", "vq4"] and data["seeds"] == {"vq16": [0, 1], "vq4": [0, 1]}
     assert data["steps"] == 2 and data["dataset"] == {"type": "shapes", "image_size": 16}
     assert data["curves"] == {}  # no tracking, no histories
+    assert data["runs"]["finished"] == 4 and len(data["git"]["commit"]) == 40
     # the stored numbers are the trials' own, and the claim's effect is their paired mean difference
     trials = trial_records(path)
     assert len(trials) == 4
