@@ -63,3 +63,56 @@ def test_signal_on_two_workers_checkpoints_every_running_cell_and_rerun_resumes(
     assert {r.info.status for r in after} == {"FINISHED"}
     for run_dir, ckpts in _checkpoints(tmp_path).items():
         assert saved[run_dir][0] in ckpts and ckpts[-1] == f"step_{steps:08d}"  # the interrupted step, then the end
+
+
+def _child_pids(pid: int) -> list[int]:
+    out = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                fields = (p / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                out.append(int(p.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads worker pids from /proc (Linux)")
+def test_killing_the_command_stops_its_workers_and_a_rerun_resumes(tmp_path):
+    """SIGKILL to the command alone (its workers sit in their own process groups): before, they
+    trained on alone; now each gets SIGTERM from the kernel, checkpoints and stops."""
+    steps = 400
+    path = write_tiny(tmp_path, **{"sweep.space": SPACE, "sweep.seeds": [0], "sweep.workers": 2,
+                                   "train.steps": steps, "train.log_every": 1000})
+    proc = cli([str(path)], tmp_path, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and len(_checkpoints(tmp_path) if (tmp_path / "runs").exists() else {}) < 2:
+        time.sleep(0.2)
+    time.sleep(1.5)
+    assert proc.poll() is None, proc.stdout.read()
+    workers = [p for p in _child_pids(proc.pid) if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()]
+    assert len(workers) == 2
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    deadline = time.time() + 60
+    while time.time() < deadline and any(_alive(p) for p in workers):
+        time.sleep(0.2)
+    assert not any(_alive(p) for p in workers), "workers outlived their command"
+    saved = _checkpoints(tmp_path)
+    assert len(saved) == 2 and all(len(c) == 1 and c[0] < f"step_{steps:08d}" for c in saved.values()), saved
+
+    again = cli([str(path)], tmp_path)
+    out2 = again.communicate(timeout=300)[0]
+    assert again.returncode == 0, out2
+    assert "0 of 2 runs done or under way, 2 to run" in out2
+    for run_dir, ckpts in _checkpoints(tmp_path).items():
+        assert saved[run_dir][0] in ckpts and ckpts[-1] == f"step_{steps:08d}"

@@ -232,12 +232,30 @@ def check_stop() -> None:
         raise KeyboardInterrupt
 
 
-def _process_main(sampler: str, raw: dict[str, Any], threads: int | None, results: Any) -> None:
+def _stop_with_parent(parent: int) -> None:
+    """A worker is in its own process group, so killing the command's group (``kill -9 -PGID``, a
+    closed session) would leave it training alone, claiming trials nobody plans for. On Linux the
+    kernel sends it SIGTERM when the command dies (``prctl(PR_SET_PDEATHSIG)``): it stops as on
+    Ctrl-C (checkpoint, run KILLED, trial failed for the next command to resume). A parent that
+    died before the call is caught by comparing ``getppid``."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):  # no prctl: the command's own signal forwarding remains
+            pass
+    if os.getppid() != parent:
+        _stop.append(int(signal.SIGTERM))
+
+
+def _process_main(sampler: str, raw: dict[str, Any], threads: int | None, results: Any, parent: int = 0) -> None:
     """A worker process: its own process group (a terminal's Ctrl-C goes to the command only, which
     asks each worker once), SIGINT / SIGTERM stop it cleanly, one result put on ``results``."""
     os.setpgrp()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _on_signal)
+    _stop_with_parent(parent)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     target = grid_worker if sampler == "grid" else tpe_worker
     try:
@@ -294,7 +312,7 @@ def run_workers(raw: dict[str, Any], sw: SweepConfig) -> tuple[int, bool, list[s
     signal.pthread_sigmask(signal.SIG_BLOCK, signals)
     try:
         for _ in range(sw.workers):
-            p = ctx.Process(target=_process_main, args=(sw.sampler, raw, threads, results))
+            p = ctx.Process(target=_process_main, args=(sw.sampler, raw, threads, results, os.getpid()))
             p.start()
             procs.append(p)
     finally:
