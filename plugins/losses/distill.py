@@ -149,7 +149,10 @@ def cosine_distance(a: Tensor, b: Tensor) -> Tensor:
 
 
 class DistillLoss(Loss):
-    """UniWeTok PPD: terms ``pre`` and/or ``post`` (cosine distances to the teacher embedding)."""
+    """UniWeTok PPD: terms ``pre`` and/or ``post`` (cosine distances to the teacher embedding).
+
+    Reads the outputs ``images``, ``z`` and ``zq`` only; the tokenizer's dims are read at build time
+    and it is not kept. The teacher is a separate frozen network the loss owns (not the model)."""
 
     Config = DistillConfig
 

@@ -70,7 +70,8 @@ class DiffusionHead(nn.Module):
 
 
 class PriorLoss(Loss):
-    """GAP: next-token diffusion loss on the quantized tokens (term ``next_token``)."""
+    """GAP: next-token diffusion loss on the quantized tokens (term ``next_token``). Reads the output
+    ``zq`` only; the latent width and token count come from the model at build time (not kept)."""
 
     Config = PriorConfig
 
