@@ -60,17 +60,21 @@ def minimal_loop(exp: Any, profile: bool = False) -> tuple[float, dict[str, floa
         t0 = time.perf_counter()
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in next(data).items()}
         t1 = time.perf_counter()
-        outputs = model(batch["image"])
+        text = any(loss.schedule(step) and "text" in loss.needs for loss in losses)
+        outputs = model(batch["image"], batch.get("text") if text else None)
         _sync(device)
         t2 = time.perf_counter()
-        outputs["loss_terms"] = {}
+        outputs["loss_terms"] = {}  # (loss type, term) -> weighted term, read by the adversarial loss
         total = torch.zeros((), device=device)
         for loss in losses:
             w = loss.schedule(step)
             if w:
                 tw = loss.term_weights()
-                for name, value in loss(batch, outputs, step).items():
-                    total = total + w * tw.get(name, 1.0) * value.float()
+                for name, value in loss(batch, outputs, step).terms.items():
+                    weighted = w * tw.get(name, 1.0) * value.float()
+                    key = (loss.cfg.type, name)
+                    outputs["loss_terms"][key] = outputs["loss_terms"][key] + weighted if key in outputs["loss_terms"] else weighted
+                    total = total + weighted
         _sync(device)
         t3 = time.perf_counter()
         opt.zero_grad(set_to_none=True)

@@ -9,27 +9,34 @@ Tensors of tokens are ``(B, N, C)`` with the token grid ``(h, w)`` carried along
 
 The model's forward returns an ``outputs`` dict that losses and evaluators read:
 
-=============  =====================================================================
-key            meaning
-=============  =====================================================================
-``images``     the input images ``(B, 3, H, W)``
-``latent``     encoder tokens ``(B, N, C_enc)`` (continuous; after the final activation)
-``z``          quantizer input ``(B, N, D)`` (after the pre-projector, continuous)
-``quant``      the :class:`QuantizerOutput`
-``zq``         ``quant.quantized`` (straight-through), ``(B, N, D)``
-``post``       post-projector tokens ``(B, N, C_dec)`` (decoder input)
-``recon``      decoded images ``(B, 3, H, W)``
-``grid``       ``(h, w)``
-``image_embed``  l2-normalised CLIP image embedding of ``post`` (only with ``model.text``)
-``last_layer`` the decoder's last weight (for adaptive GAN weighting)
-``loss_terms`` added by the trainer: WEIGHTED terms of the losses computed so far this step,
-               keyed ``"<loss type>/<term>"``; losses run in ascending ``Loss.order``, so a
-               later loss (adversarial, order 10) can read the reconstruction terms
-=============  =====================================================================
+================  =====================================================================
+key               meaning
+================  =====================================================================
+``images``        the input images ``(B, 3, H, W)``
+``latent``        encoder tokens ``(B, N, C_enc)`` (continuous; after the final activation)
+``z``             quantizer input ``(B, N, D)`` (after the pre-projector, continuous)
+``quant``         the :class:`QuantizerOutput`
+``zq``            ``quant.quantized`` (straight-through), ``(B, N, D)``
+``post``          post-projector tokens ``(B, N, C_dec)`` (decoder input)
+``recon``         decoded images ``(B, 3, H, W)``
+``grid``          ``(h, w)``
+``image_embed``   l2-normalised CLIP image embedding of ``post`` (only with ``model.text``)
+``text_embed``    l2-normalised text embedding ``(B, E)`` of the batch's captions (only with
+                  ``model.text`` and texts passed to ``forward(images, texts)``; the trainer passes
+                  ``batch["text"]`` when an active loss ``needs`` text)
+``logit_scale``   the CLIP log logit scale, a scalar clamped to [0, max] in value with its gradient
+                  passed straight through (with ``text_embed``); ``exp()`` it for the multiplier
+``last_layer``    the decoder's last weight (for adaptive GAN weighting)
+``loss_terms``    added by the trainer: WEIGHTED terms of the losses computed so far this step, a
+                  dict keyed ``(loss type, term)`` (:data:`LossTermKey`); when a type is configured
+                  twice, its key holds the SUM of both losses' weighted terms (they are logged apart,
+                  under their labels). Losses run in ascending ``Loss.order``, so a later loss
+                  (adversarial, order 10) can read the reconstruction terms
+================  =====================================================================
 
 Config vocabulary: one name per idea, in every plugin (a third-party plugin should use them too).
 A retired name in a config is an error naming its replacement (:data:`RETIRED`, per-class
-``renamed``), e.g. ``error: model.quantizer.n_codebooks: renamed to codes_per_token``.
+``renamed``       ), e.g. ``error: model.quantizer.n_codebooks: renamed to codes_per_token``.
 
 =========================  ===============================================================  ==========================================
 name                       meaning                                                          retired names
@@ -347,12 +354,38 @@ class LossConfig(ComponentConfig):
     warmup_steps: int = 0
 
 
+#: key of ``outputs["loss_terms"]``: (loss type, term name), e.g. ``("pixel", "l2")``
+LossTermKey = tuple[str, str]
+
+
+@dataclass
+class LossResult:
+    """What :meth:`Loss.forward` and :meth:`Loss.aux_loss` return.
+
+    terms:   term name -> scalar tensor that is optimised. From ``forward``: UNWEIGHTED; the trainer
+             multiplies each by ``term_weights()[name]`` (default 1.0) and ``schedule(step)`` and
+             sums them into the step's total. From ``aux_loss``: summed as they are (the loss applies
+             its own coefficients) and minimised by the aux optimizer.
+    metrics: name -> scalar diagnostic, only logged (detached by the trainer), NEVER part of a total.
+             Names differ from the term names.
+    """
+
+    terms: dict[str, Tensor]
+    metrics: dict[str, Tensor] = field(default_factory=dict)
+
+
 class Loss(Component, nn.Module):
     """A named loss term computed from the step's batch and the model's outputs.
 
-    Constructed as ``Loss(cfg, model=Tokenizer)`` (read the model's dims; do not store it as a
-    submodule). ``forward(batch, outputs, step)`` returns term name -> UNWEIGHTED scalar tensor; the
-    trainer multiplies each by ``term_weights()[name]`` (default 1.0) and the schedule.
+    Constructed as ``Loss(cfg, model=Tokenizer)``: read the model's dims at build time; do not keep
+    a reference to the model. ``forward(batch, outputs, step)`` reads ONLY ``outputs`` (what the
+    model's forward produced, see the table above; the text embedding and logit scale included)
+    and the batch's targets / labels, and returns a :class:`LossResult`: ``terms`` UNWEIGHTED scalar
+    tensors, which the trainer multiplies by ``term_weights()[name]`` (default 1.0) and the schedule
+    and sums into the total; ``metrics`` detached diagnostics, only logged. Logged as
+    ``loss/<label>/<term>`` (unweighted), ``loss_w/<label>/<term>`` (weighted) and
+    ``loss/<label>/<metric>``; ``<label>`` is the loss type, or type + index when a type repeats.
+    Another loss's weighted terms so far this step are ``outputs["loss_terms"][(type, term)]``.
 
     Modules a loss trains WITH the tokenizer (distillation heads, a prior model) are ordinary
     submodules with ``requires_grad``; they join the main optimizer. A module the loss trains
@@ -361,15 +394,18 @@ class Loss(Component, nn.Module):
     """
 
     Config: ClassVar[type[LossConfig]]
-    #: what the loss needs from the model or data: subset of {"text"}
+    #: what the loss needs from the model or data: subset of {"text"} ("text": a text tower and
+    #: captions; the trainer then passes the captions to the model, which adds ``text_embed`` and
+    #: ``logit_scale`` to the outputs)
     needs: ClassVar[frozenset[str]] = frozenset()
     #: evaluation order within a step (ascending); see ``outputs["loss_terms"]``
     order: ClassVar[int] = 0
 
-    def forward(self, batch: dict[str, Any], outputs: dict[str, Any], step: int) -> dict[str, Tensor]:  # pragma: no cover
+    def forward(self, batch: dict[str, Any], outputs: dict[str, Any], step: int) -> LossResult:  # pragma: no cover
         raise NotImplementedError
 
     def term_weights(self) -> dict[str, float]:
+        """Weight of each term of ``forward``'s result (missing: 1.0)."""
         return {}
 
     def schedule(self, step: int) -> float:
@@ -387,8 +423,9 @@ class Loss(Component, nn.Module):
     def aux_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer | None:
         return None
 
-    def aux_loss(self, batch: dict[str, Any], outputs: dict[str, Any], step: int) -> dict[str, Tensor] | None:
-        """Loss for the aux module (outputs are detached); key ``total`` is minimised; None skips."""
+    def aux_loss(self, batch: dict[str, Any], outputs: dict[str, Any], step: int) -> LossResult | None:
+        """Loss for the aux module (outputs are detached): the sum of ``terms`` is minimised (logged as
+        ``aux/<label>/total``, each term and metric as ``aux/<label>/<name>``); None skips the step."""
         return None
 
     def before_aux_step(self, optimizer: torch.optim.Optimizer, step: int) -> None:

@@ -8,7 +8,7 @@ DISCRETE path (indices -> codes -> post).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -72,7 +72,7 @@ def _build(reg: Registry, kind: str, cfg: Any, path: str, seed: int | None = Non
 
 
 class Tokenizer(nn.Module):
-    """The assembled tokenizer. ``forward(images)`` returns the outputs dict (core.interfaces).
+    """The assembled tokenizer. ``forward(images, texts=None)`` returns the outputs dict (core.interfaces).
 
     With ``seed`` set, each component is initialised from its own stream seeded by (seed, its path)
     (core.seeding): its initial weights do not depend on which other components the model has."""
@@ -144,7 +144,10 @@ class Tokenizer(nn.Module):
         return self.text(texts)
 
     # ---- forward -----------------------------------------------------------------------------
-    def forward(self, images: Tensor) -> dict[str, Any]:
+    def forward(self, images: Tensor, texts: Optional[Sequence[str]] = None) -> dict[str, Any]:
+        """The outputs dict (core.interfaces). With a text tower and ``texts`` (one caption per image)
+        it also holds ``text_embed`` (l2-normalised) and ``logit_scale`` (:meth:`clamped_logit_scale`),
+        so the text tower and the scale are used inside the model's forward (DDP sees them there)."""
         latent, grid = self.encoder(images)
         z = self.project_in(latent)
         quant: QuantizerOutput = self.quantizer(z)
@@ -153,6 +156,9 @@ class Tokenizer(nn.Module):
                "post": post, "grid": grid, "recon": self.decoder(post, grid), "last_layer": self.decoder.last_layer}
         if self.text is not None:
             out["image_embed"] = self.clip_head(post)
+            if texts is not None:
+                out["text_embed"] = self.text(list(texts))
+                out["logit_scale"] = self.clamped_logit_scale()
         return out
 
     @torch.no_grad()

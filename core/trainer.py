@@ -29,6 +29,7 @@ from core.checkpoint import (check_resumable, find_latest, load_checkpoint, plug
 from core.config import config_hash, flatten, to_dict
 from core.errors import ConfigError
 from core.figures import log_eval_figures
+from core.interfaces import LossResult, LossTermKey
 from core.model import Tokenizer, parameter_counts
 from core.plugins import Registry, get_registry
 from core.seeding import seeded
@@ -105,33 +106,51 @@ def build(exp: Any, reg: Registry | None = None) -> Built:
 
 class TrainStep(nn.Module):
     """Model forward + every loss term in one module, so DistributedDataParallel sees every
-    parameter the generator step uses (the text tower inside the contrastive loss, distillation
-    heads, the prior). Returns (total, outputs, logs): logs maps metric name -> detached tensor."""
+    parameter the generator step uses (the text tower and logit scale in the model's forward,
+    distillation heads, the prior). Returns (total, outputs, logs): logs maps metric name -> detached
+    tensor. The batch's captions go to the model only when a loss that ``needs`` text is active
+    this step (else the text tower would run, and join DDP's graph, for nothing)."""
 
     def __init__(self, model: Tokenizer, losses: nn.ModuleList, labels: list[str]) -> None:
         super().__init__()
         self.model, self.losses, self.labels = model, losses, labels
 
     def forward(self, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, Any], dict[str, torch.Tensor]]:
-        outputs = self.model(batch["image"])
-        outputs["loss_terms"] = {}
+        weights = [loss.schedule(step) for loss in self.losses]
+        wants_text = any(w != 0 and "text" in loss.needs for w, loss in zip(weights, self.losses))
+        outputs = self.model(batch["image"], batch.get("text") if wants_text else None)
+        terms_so_far: dict[LossTermKey, torch.Tensor] = {}  # (type, term) -> weighted, summed over labels
+        outputs["loss_terms"] = terms_so_far
         logs: dict[str, torch.Tensor] = {}
         total = torch.zeros((), device=batch["image"].device)
-        for label, loss in zip(self.labels, self.losses):
-            w = loss.schedule(step)
+        for label, loss, w in zip(self.labels, self.losses, weights):
             if w == 0:
                 continue
+            result = loss(batch, outputs, step)
+            if not isinstance(result, LossResult):
+                raise TypeError(f"loss {label}: forward must return a core.interfaces.LossResult, got {type(result).__name__}")
             tw = loss.term_weights()
-            for name, value in loss(batch, outputs, step).items():
+            for name, value in result.terms.items():
                 weighted = (w * tw.get(name, 1.0)) * value.float()
-                outputs["loss_terms"][f"{label}/{name}"] = weighted
+                key = (loss.cfg.type, name)
+                terms_so_far[key] = terms_so_far[key] + weighted if key in terms_so_far else weighted
                 logs[f"loss/{label}/{name}"] = value.detach().float()
                 logs[f"loss_w/{label}/{name}"] = weighted.detach()
                 total = total + weighted
+            for name, value in result.metrics.items():  # diagnostics: logged, never in the total
+                logs[f"loss/{label}/{name}"] = value.detach().float()
         logs["loss/total"] = total.detach()
         for k, v in outputs["quant"].metrics.items():
             logs[f"quant/{k}"] = v.float()
         return total, outputs, logs
+
+
+def aux_total(result: LossResult, label: str) -> torch.Tensor:
+    """The aux (adversary) objective: the sum of an ``aux_loss`` result's terms."""
+    if not isinstance(result, LossResult) or not result.terms:
+        raise TypeError(f"loss {label}: aux_loss must return a core.interfaces.LossResult with terms (or None)")
+    values = [v.float() for v in result.terms.values()]
+    return sum(values[1:], values[0])
 
 
 def pick_device(name: str) -> torch.device:
@@ -467,12 +486,13 @@ def train(exp: Any, reg: Registry | None = None, *, built: Built | None = None, 
                     with autocast():
                         aout = losses[i].aux_loss(batch, detached, step)
                     if aout is not None:
+                        atotal = aux_total(aout, built.labels[i])
                         aopt.zero_grad(set_to_none=True)
-                        aout["total"].backward()
+                        atotal.backward()
                         dist.all_reduce_grads_([p for g in aopt.param_groups for p in g["params"]])
                         losses[i].before_aux_step(aopt, step)
                         aopt.step()
-                        for k, v in aout.items():
+                        for k, v in {**aout.terms, **aout.metrics, "total": atotal}.items():
                             acc.setdefault(f"aux/{built.labels[i]}/{k}", []).append(v.detach().float())
                 for k, v in logs.items():
                     acc.setdefault(k, []).append(v)

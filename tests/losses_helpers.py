@@ -39,6 +39,6 @@ def images(b: int = 4, size: int = 16, seed: int = 0) -> torch.Tensor:
 
 def total_loss(loss, batch, outputs, step: int) -> torch.Tensor:
     """What the trainer minimises for one loss: sum of weighted terms times the schedule."""
-    terms = loss(batch, outputs, step)
+    terms = loss(batch, outputs, step).terms  # metrics never count
     w = loss.term_weights()
     return loss.schedule(step) * sum(w.get(k, 1.0) * v for k, v in terms.items())

@@ -12,7 +12,7 @@ import torch
 
 from conftest import tiny_experiment
 from core.config import TrainConfig, validate
-from core.interfaces import Loss, LossConfig
+from core.interfaces import Loss, LossConfig, LossResult
 from core.plugins import _add, build_registry
 from core.trainer import build, lr_factor, train
 
@@ -25,19 +25,21 @@ class TugConfig(LossConfig):
 
 
 class Tug(Loss):
-    """Pulls the logit scale up for ``up_steps`` steps, then down; records the parameter each step."""
+    """Pulls the logit scale up for ``up_steps`` steps, then down; records the parameter each step
+    (read from the model's outputs, which carry the clamped scale when a loss needs text)."""
 
     Config = TugConfig
+    needs = frozenset({"text"})
 
     def __init__(self, cfg: TugConfig, model: Any = None) -> None:
         super().__init__()
-        self.cfg, self._model, self.seen = cfg, (model,), []
+        self.cfg, self.seen = cfg, []
 
-    def forward(self, batch: dict[str, Any], outputs: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
-        model = self._model[0]
-        self.seen.append(float(model.logit_scale.detach()))
+    def forward(self, batch: dict[str, Any], outputs: dict[str, Any], step: int) -> LossResult:
+        scale = outputs["logit_scale"]
+        self.seen.append(float(scale.detach()))  # the parameter's value (in range: the clamp is the identity)
         sign = -1.0 if step < self.cfg.up_steps else 1.0
-        return {"tug": sign * model.clamped_logit_scale()}
+        return LossResult({"tug": sign * scale})
 
 
 def test_logit_scale_pushed_past_the_bound_is_clamped_and_comes_back(in_tmp):

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from core.errors import ConfigError
+from core.trainer import TrainStep, aux_total, build
 from losses_helpers import images, tiny_exp, tiny_model, total_loss
 from plugins.losses.adversarial import AdversarialLoss, PatchGAN, diff_augment, hinge_d_loss
 from plugins.losses.pixel import PixelLoss
@@ -27,11 +28,13 @@ def test_hinge_hand_values():
 def test_generator_and_discriminator_terms_equal_their_definitions():
     loss = adv(adaptive=False)
     x, y = images(2), images(2, seed=1)
-    terms = loss({}, {"images": x, "recon": y}, 0)
-    assert terms["generator"].item() == pytest.approx(-loss.discriminator(y).mean().item(), rel=1e-6)
+    res = loss({}, {"images": x, "recon": y}, 0)
+    assert set(res.terms) == {"generator"} and set(res.metrics) == {"adaptive_weight", "logits_fake"}
+    assert res.terms["generator"].item() == pytest.approx(-loss.discriminator(y).mean().item(), rel=1e-6)
     d = loss.aux_loss({}, {"images": x, "recon": y}, 0)
     ref = F.relu(1 - loss.discriminator(x)).mean() + F.relu(1 + loss.discriminator(y)).mean()
-    assert d["total"].item() == pytest.approx(ref.item(), rel=1e-6)
+    assert set(d.terms) == {"hinge"} and set(d.metrics) == {"logits_real", "logits_fake"}
+    assert aux_total(d, "adversarial").item() == pytest.approx(ref.item(), rel=1e-6)
 
 
 def test_adaptive_weight_equals_gradient_norm_ratio():
@@ -40,22 +43,26 @@ def test_adaptive_weight_equals_gradient_norm_ratio():
     out = model(x)
     pixel = PixelLoss(PixelLoss.Config())
     rec = total_loss(pixel, {}, out, 0)
-    out["loss_terms"] = {"pixel/all": rec}
+    out["loss_terms"] = {("pixel", "l2"): rec}
     loss = adv()
-    terms = loss({}, out, 0)
+    res = loss({}, out, 0)
     gen = -loss.discriminator(out["recon"]).mean()
     w = out["last_layer"]
     g_rec = torch.autograd.grad(rec, w, retain_graph=True)[0].norm()
     g_gen = torch.autograd.grad(gen, w, retain_graph=True)[0].norm()
     ratio = (g_rec / (g_gen + 1e-6)).clamp(0.015, 1e4)  # UniTok's epsilon
-    assert terms["adaptive_weight"].item() == pytest.approx(ratio.item(), rel=1e-4)
-    assert terms["generator"].item() == pytest.approx((ratio * gen).item(), rel=1e-4)
+    assert res.metrics["adaptive_weight"].item() == pytest.approx(ratio.item(), rel=1e-4)
+    assert res.terms["generator"].item() == pytest.approx((ratio * gen).item(), rel=1e-4)
     # the clamp: a tiny reconstruction gradient gives the lower bound
-    out["loss_terms"] = {"pixel/all": rec * 1e-9}
-    assert loss({}, out, 0)["adaptive_weight"].item() == pytest.approx(0.015)
-    # only the loss types in adaptive_from count
-    out["loss_terms"] = {"quantizer/commitment": rec}
-    assert loss({}, out, 0)["adaptive_weight"].item() == 1.0
+    out["loss_terms"] = {("pixel", "l2"): rec * 1e-9}
+    assert loss({}, out, 0).metrics["adaptive_weight"].item() == pytest.approx(0.015)
+    # only the (type, term) pairs in adaptive_from count
+    for other in [("quantizer", "commitment"), ("pixel", "other"), ("pixel0", "l2")]:
+        out["loss_terms"] = {other: rec}
+        assert loss({}, out, 0).metrics["adaptive_weight"].item() == 1.0, other
+    out["loss_terms"] = {("quantizer", "commitment"): rec}
+    assert adv(adaptive_from=["quantizer/commitment"])({}, out, 0).metrics["adaptive_weight"].item() == \
+        pytest.approx(ratio.item(), rel=1e-4)
 
 
 def test_alternating_steps_touch_only_their_side():
@@ -85,7 +92,7 @@ def test_alternating_steps_touch_only_their_side():
     d_opt.zero_grad(set_to_none=True)
     for p in model.parameters():
         p.grad = None
-    loss.aux_loss({}, {k: (v.detach() if torch.is_tensor(v) else v) for k, v in out.items()}, 0)["total"].backward()
+    aux_total(loss.aux_loss({}, {k: (v.detach() if torch.is_tensor(v) else v) for k, v in out.items()}, 0), "adv").backward()
     d_opt.step()
     assert any(not torch.equal(v, d1[k]) for k, v in snap(loss).items())
     assert all(torch.equal(v, g1[k]) for k, v in snap(model).items())
@@ -97,7 +104,7 @@ def test_start_step_gates_both_sides():
     x = images(2)
     out = {"images": x, "recon": x.clone().requires_grad_()}
     assert loss.aux_loss({}, out, 4) is None
-    assert loss({}, out, 4)["generator"].item() == 0.0 and loss.schedule(4) == 0.0
+    assert loss({}, out, 4).terms["generator"].item() == 0.0 and loss.schedule(4) == 0.0
     assert loss.aux_loss({}, out, 5) is not None
 
 
@@ -150,11 +157,10 @@ def test_dino_discriminator_loads_local_weights(vit_file):
     assert trainable and all(not p.requires_grad for p in loss.discriminator.backbone.parameters())
     assert {id(p) for p in trainable} == {id(p) for p in loss.discriminator.heads.parameters()}
     y = images(2).requires_grad_()
-    terms = loss({}, {"images": images(2), "recon": y}, 0)
-    terms["generator"].backward()
+    loss({}, {"images": images(2), "recon": y}, 0).terms["generator"].backward()
     assert y.grad.abs().sum() > 0  # the generator's gradient passes through the frozen features
     d = loss.aux_loss({}, {"images": images(2), "recon": images(2, seed=3)}, 0)
-    assert torch.isfinite(d["total"])
+    assert torch.isfinite(aux_total(d, "adversarial"))
 
 
 def test_dino_missing_weights_fail_at_validation(tmp_path):
@@ -176,13 +182,45 @@ def test_bcr_hand_value():
     D = loss.discriminator
     lr_, lf = D(real), D(fake)
     ref = (D(diff_augment(real, ["cutout"])) - lr_).pow(2).mean() + (D(diff_augment(fake, ["cutout"])) - lf).pow(2).mean()
-    assert d["bcr"].item() == pytest.approx(ref.item(), rel=1e-5)
-    assert d["total"].item() == pytest.approx((hinge_d_loss(lr_, lf) + 4.0 * ref).item(), rel=1e-5)
+    assert d.terms["bcr"].item() == pytest.approx(4.0 * ref.item(), rel=1e-5)  # a term is weighted: summed as it is
+    assert aux_total(d, "adversarial").item() == pytest.approx((hinge_d_loss(lr_, lf) + 4.0 * ref).item(), rel=1e-5)
 
 
-def test_adaptive_weight_reads_repeated_loss_labels():
-    model = tiny_model()
-    out = model(images(2))
-    rec = F.mse_loss(out["recon"], out["images"])
-    out["loss_terms"] = {"pixel1/l2": rec}  # the trainer's label when two pixel losses are configured
-    assert adv()({}, out, 0)["adaptive_weight"].item() != 1.0
+def test_adaptive_weight_finds_terms_by_type_and_term_through_the_trainer():
+    """Two pixel losses (labels pixel0, pixel1) and a perceptual-free adversarial: the trainer keys the
+    weighted terms by (type, term), a repeated type's key holds the sum of both losses' terms, and
+    the adaptive weight is the gradient-norm ratio of exactly that sum (pixel/l1 + pixel/l2)."""
+    exp = tiny_exp(losses=[{"type": "pixel", "l1": 0.5}, {"type": "pixel", "l1": 0.0, "l2": 2.0},
+                           {"type": "quantizer"}, {"type": "adversarial", "discriminator": {"type": "patchgan", "width": 8, "depth": 2}}])
+    built = build(exp)
+    assert built.labels == ["pixel0", "pixel1", "quantizer", "adversarial"]
+    step = TrainStep(built.model, built.losses, built.labels)
+    batch = torch.utils.data.default_collate([built.train_set[i] for i in range(2)])
+    total, out, logs = step(batch, 0)
+    lt = out["loss_terms"]
+    assert set(lt) == {("pixel", "l1"), ("pixel", "l2"), ("quantizer", "commitment"), ("quantizer", "codebook"),
+                       ("adversarial", "generator")}
+    x, y = out["images"].float(), out["recon"].float()
+    l1, l2 = F.l1_loss(y, x), F.mse_loss(y, x)
+    assert lt[("pixel", "l1")].item() == pytest.approx((0.5 * l1 + 0.0 * l1).item(), rel=1e-6)
+    assert lt[("pixel", "l2")].item() == pytest.approx((1.0 * l2 + 2.0 * l2).item(), rel=1e-6)
+    assert logs["loss_w/pixel0/l2"].item() == pytest.approx(l2.item(), rel=1e-6)  # logged apart, by label
+    assert logs["loss_w/pixel1/l2"].item() == pytest.approx(2 * l2.item(), rel=1e-6)
+    adv_loss = built.losses[3]
+    rec = lt[("pixel", "l1")] + lt[("pixel", "l2")]
+    gen = -adv_loss.discriminator(out["recon"]).mean()
+    w = out["last_layer"]
+    g_rec = torch.autograd.grad(rec, w, retain_graph=True)[0].norm()
+    g_gen = torch.autograd.grad(gen, w, retain_graph=True)[0].norm()
+    ratio = (g_rec / (g_gen + 1e-6)).clamp(0.015, 1e4)
+    assert ratio.item() != pytest.approx(1.0)
+    assert logs["loss/adversarial/adaptive_weight"].item() == pytest.approx(ratio.item(), rel=1e-4)
+
+
+def test_adaptive_from_names_type_term_pairs():
+    assert AdversarialLoss.Config().adaptive_terms == {("pixel", "l1"), ("pixel", "l2"), ("perceptual", "lpips")}
+    for bad in ["pixel", "pixel/", "a/b/c"]:
+        with pytest.raises(ConfigError) as e:
+            tiny_exp(losses=[{"type": "adversarial", "adaptive_from": [bad]}])
+        msg = str(e.value)
+        assert "\n" not in msg and "losses.0.adaptive_from" in msg and "<type>/<term>" in msg, msg

@@ -150,7 +150,7 @@ def test_bcr_view_is_t_of_the_raw_image():
     D = loss.discriminator
     lr_, lf = D(A.diff_augment(real, ["translation"])), D(A.diff_augment(fake, ["translation"]))
     ref = (D(A.diff_augment(real, ["cutout"])) - lr_).pow(2).mean() + (D(A.diff_augment(fake, ["cutout"])) - lf).pow(2).mean()
-    assert d["bcr"].item() == pytest.approx(ref.item(), rel=1e-5)
+    assert d.terms["bcr"].item() == pytest.approx(4.0 * ref.item(), rel=1e-5)  # terms carry their weight
 
 
 # ---- DINO discriminator ---------------------------------------------------------------------------------

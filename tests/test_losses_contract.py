@@ -3,8 +3,11 @@
 Losses: each registered loss has an entry in CONTRACT (a tiny experiment that trains it, and the
 parts of the model its terms must send gradients to); a newly registered loss without an entry
 fails ``test_contract_table_covers_the_registry``. Per loss: one trainer step (``TrainStep``, as
-training runs it) yields finite unweighted scalar terms, and every trainable parameter of the named
-parts receives a finite, non-zero gradient from that loss's own terms.
+training runs it) yields a ``LossResult`` of finite unweighted scalar terms and detached metrics;
+the trainer's total is the hand-computed sum of terms x weights x schedule (metrics never in it);
+the loss keeps no reference to the model and runs on the outputs alone (the model's methods raise);
+every trainable parameter of the named parts receives a finite, non-zero gradient from that loss's
+own terms.
 
 Components: a tiny model with each registered encoder, decoder, projector and quantizer swapped in
 is trained one step with [pixel, quantizer]; every trainable parameter of the model gets a finite
@@ -20,7 +23,8 @@ from torch import nn
 
 from core.config import validate
 from core.plugins import get_registry
-from core.trainer import TrainStep, build
+from core.interfaces import LossResult
+from core.trainer import TrainStep, aux_total, build
 
 REG = get_registry()
 TEXT = {"width": 32, "depth": 1, "heads": 2, "context_length": 16}
@@ -73,8 +77,40 @@ def batch_of(ds, n: int = 4) -> dict[str, Any]:
     return torch.utils.data.default_collate([ds[i] for i in range(n)])
 
 
-def terms_of(result: Any) -> dict[str, torch.Tensor]:
-    return dict(getattr(result, "terms", result))
+def holds_model(obj: Any, model: nn.Module) -> list[str]:
+    """Paths inside ``obj`` (attributes, submodules, tuples, lists, dicts) that reach the model, one
+    of its submodules or one of its parameters."""
+    targets = {id(m) for m in model.modules()} | {id(p) for p in model.parameters()}
+    found, seen = [], set()
+
+    def walk(x: Any, path: str) -> None:
+        if id(x) in seen or isinstance(x, (str, bytes, int, float, bool, type(None))):
+            return
+        seen.add(id(x))
+        if id(x) in targets:
+            found.append(path)
+            return
+        if isinstance(x, dict):
+            for k, v in x.items():
+                walk(v, f"{path}[{k!r}]")
+        elif isinstance(x, (list, tuple, set)):
+            for i, v in enumerate(x):
+                walk(v, f"{path}[{i}]")
+        elif isinstance(x, nn.Module) or hasattr(x, "__dict__") and not isinstance(x, (torch.Tensor, type)):
+            for k, v in vars(x).items():
+                walk(v, f"{path}.{k}")
+
+    walk(obj, "loss")
+    return found
+
+
+def poisoned(model: nn.Module) -> None:
+    """Make every model entry point a loss could call at forward time raise."""
+    def boom(*a: Any, **k: Any) -> None:
+        raise AssertionError("a loss called the model during its forward")
+    for name in ("forward", "encode_text", "clamped_logit_scale", "encode", "decode", "discrete_latent",
+                 "image_embed_discrete", "project_in", "project_out"):
+        setattr(model, name, boom)
 
 
 def trainable(module: nn.Module, skip: set[int] = frozenset()) -> dict[str, nn.Parameter]:
@@ -98,12 +134,24 @@ def test_loss_terms_finite_unweighted_scalars_and_gradients_reach_their_parts(na
     assert torch.isfinite(total)
     (i,) = [k for k, loss in enumerate(built.losses) if loss.cfg.type == name]
     loss, label = built.losses[i], built.labels[i]
-    # unweighted terms as the trainer logged them, and as the loss returns them
+    assert not holds_model(loss, built.model), holds_model(loss, built.model)
+    poisoned(built.model)  # the loss reads the outputs only
+    results = {lab: l(batch, outputs, 0) for lab, l in zip(built.labels, built.losses)}
+    assert all(isinstance(r, LossResult) for r in results.values())
+    res = results[label]
+    terms, metrics = res.terms, res.metrics
+    assert terms and not set(terms) & set(metrics)
+    # unweighted terms and metrics as the trainer logged them (values differ for losses that sample: prior's t)
     logged = {k.split("/", 2)[2]: v for k, v in logs.items() if k.startswith(f"loss/{label}/")}
-    terms = terms_of(loss(batch, outputs, 0))
-    assert terms and set(terms) == set(logged)  # (values differ for losses that sample: prior's t)
-    for k, v in terms.items():
+    assert set(logged) == set(terms) | set(metrics)
+    assert {k.split("/", 2)[2] for k in logs if k.startswith(f"loss_w/{label}/")} == set(terms)
+    for k, v in {**terms, **metrics}.items():
         assert torch.is_tensor(v) and v.ndim == 0 and torch.isfinite(v) and torch.isfinite(logged[k]), k
+    assert all(not v.requires_grad for v in metrics.values())
+    # the trainer's total = sum over every loss of schedule x term weight x the logged unweighted term
+    hand = sum(l.schedule(0) * l.term_weights().get(t, 1.0) * logs[f"loss/{lab}/{t}"].item()
+               for lab, l in zip(built.labels, built.losses) for t in results[lab].terms)
+    assert total.item() == pytest.approx(hand, rel=1e-6, abs=1e-7)
     # gradients of this loss's own terms
     aux = {id(p) for p in loss.aux_parameters()}
     modules = {"loss": loss, "text": built.model.text, **{p: getattr(built.model, p) for p in ("encoder", "decoder", "quantizer")}}
@@ -117,9 +165,11 @@ def test_loss_terms_finite_unweighted_scalars_and_gradients_reach_their_parts(na
     if aux:
         detached = {k: (v.detach() if torch.is_tensor(v) else v) for k, v in outputs.items()}
         res = loss.aux_loss(batch, detached, 0)
-        assert res is not None and torch.isfinite(res["total"])
+        assert isinstance(res, LossResult) and res.terms and not set(res.terms) & set(res.metrics)
+        aux = aux_total(res, label)
+        assert torch.isfinite(aux) and aux.item() == pytest.approx(sum(v.item() for v in res.terms.values()), rel=1e-6)
         params = loss.aux_parameters()
-        grads = torch.autograd.grad(res["total"], params, allow_unused=True)
+        grads = torch.autograd.grad(aux, params, allow_unused=True)
         assert all(g is not None and torch.isfinite(g).all() for g in grads)
         # every weight tensor moves (a final bias may cancel exactly: the hinge loss's -1 + 1 at init)
         dead = [i for i, (p, g) in enumerate(zip(params, grads)) if p.ndim >= 2 and g.abs().sum() == 0]

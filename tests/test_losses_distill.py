@@ -46,7 +46,7 @@ def test_linear_heads_cosine_terms_by_hand(tmp_path):
     loss = DistillLoss(cfg, model=model, teacher=t)
     x = images(3)
     out = model(x)
-    terms = loss({}, out, 0)
+    terms = loss({}, out, 0).terms
     f = x.mean(dim=(2, 3)).repeat(1, 2)
     for name, head, key in (("pre", loss.head_pre, "z"), ("post", loss.head_post, "zq")):
         pred = out[key].mean(dim=1) @ head.proj.weight.t() + head.proj.bias
@@ -64,7 +64,7 @@ def _touch(tmp_path):
 def test_pre_post_switches_and_attention_head(vit_file):
     model = tiny_model()
     only_post = DistillLoss(DistillLoss.Config(**timm_teacher(vit_file, pre=False)), model=model)
-    assert only_post.head_pre is None and set(only_post({}, model(images(2)), 0)) == {"post"}
+    assert only_post.head_pre is None and set(only_post({}, model(images(2)), 0).terms) == {"post"}
     with pytest.raises(ConfigError, match="at least one of pre / post"):
         tiny_exp(losses=[{"type": "distill", **timm_teacher(vit_file, pre=False, post=False)}])
 

@@ -51,18 +51,18 @@ def test_perceptual_loads_local_file_and_matches_hand_lpips(alex_file):
     loss = PerceptualLoss(PerceptualLoss.Config(net="alex", weights=str(path)))
     assert torch.equal(loss.net.net.slice1[0].weight, sd["features.0.weight"])
     x, y = images(2, 64, seed=1), images(2, 64, seed=2)
-    got = loss({}, {"images": x, "recon": y}, 0)["lpips"]
+    got = loss({}, {"images": x, "recon": y}, 0).terms["lpips"]
     lins = [lin.model[-1].weight for lin in loss.net.lins]
     ref = reference_lpips(sd, lins, y, x).mean()
     assert got.item() == pytest.approx(ref.item(), rel=1e-4)
-    assert loss({}, {"images": x, "recon": x}, 0)["lpips"].item() == pytest.approx(0.0, abs=1e-7)
+    assert loss({}, {"images": x, "recon": x}, 0).terms["lpips"].item() == pytest.approx(0.0, abs=1e-7)
     assert list(loss.parameters()) == []  # frozen network is not trained nor checkpointed
 
 
 def test_perceptual_gradient_reaches_reconstruction(alex_file):
     loss = PerceptualLoss(PerceptualLoss.Config(net="alex", weights=str(alex_file[0])))
     y = images(2, 32, seed=3).requires_grad_()
-    loss({}, {"images": images(2, 32), "recon": y}, 0)["lpips"].backward()
+    loss({}, {"images": images(2, 32), "recon": y}, 0).terms["lpips"].backward()
     assert y.grad.abs().sum() > 0
 
 
@@ -94,5 +94,5 @@ def test_lpips_evaluator_same_rule(alex_file, tmp_path):
     with torch.no_grad():
         got = ev.evaluate(model, loader)
         y = model(x)["recon"].clamp(-1, 1)
-        ref = PerceptualLoss(PerceptualLoss.Config(net="alex", weights=str(path)))({}, {"images": x, "recon": y}, 0)["lpips"]
+        ref = PerceptualLoss(PerceptualLoss.Config(net="alex", weights=str(path)))({}, {"images": x, "recon": y}, 0).terms["lpips"]
     assert set(got) == {"lpips_alex"} and got["lpips_alex"] == pytest.approx(ref.item(), rel=1e-5)

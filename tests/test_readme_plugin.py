@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -69,3 +71,35 @@ def test_every_hook_has_a_docstring_and_is_documented_in_the_readme():
     for name, fn in specs.items():
         assert (fn.__doc__ or "").strip(), f"{name} has no docstring"
         assert f"`{name}`" in section, f"{name} is not documented in the README's plugin section"
+
+
+def test_readme_loss_example_runs_in_a_trainer_step():
+    """The README's loss example, as printed: registered, built into a tiny experiment beside the
+    pixel loss, one trainer step; the total is the hand-computed weighted sum of the terms (the
+    metric is logged and not in it)."""
+    import types
+
+    import torch
+
+    from core.config import validate
+    from core.interfaces import Loss
+    from core.plugins import _add, build_registry
+    from core.trainer import TrainStep, build
+    from conftest import tiny_experiment
+
+    mod = types.ModuleType("my_loss")
+    exec(compile(readme_blocks()["my_loss.py"], "README.md:my_loss.py", "exec", dont_inherit=True), mod.__dict__)
+    reg = build_registry()
+    _add(reg, "losses", "myedges", mod.EdgeLoss, "README", Loss)
+    cfg = tiny_experiment()
+    cfg["losses"] = [{"type": "pixel"}, {"type": "myedges", "vertical": 0.5, "weight": 2.0}]
+    built = build(validate(cfg, reg), reg)
+    batch = torch.utils.data.default_collate([built.train_set[i] for i in range(4)])
+    total, out, logs = TrainStep(built.model, built.losses, built.labels)(batch, 0)
+    x, y = out["images"].float(), out["recon"].float()
+    dx = (y[..., 1:] - y[..., :-1] - x[..., 1:] + x[..., :-1]).abs().mean()
+    dy = (y[..., 1:, :] - y[..., :-1, :] - x[..., 1:, :] + x[..., :-1, :]).abs().mean()
+    pixel = 0.2 * (y - x).abs().mean() + (y - x).pow(2).mean()
+    assert total.item() == pytest.approx((pixel + 2.0 * (dx + 0.5 * dy)).item(), rel=1e-5)
+    assert logs["loss_w/myedges/dy"].item() == pytest.approx(dy.item(), rel=1e-5)
+    assert "loss/myedges/sharpness" in logs and "loss_w/myedges/sharpness" not in logs

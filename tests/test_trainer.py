@@ -91,7 +91,7 @@ def _nan_at(step_nan):
     def forward(self, batch, outputs, step):
         out = orig(self, batch, outputs, step)
         if step == step_nan:
-            out["l2"] = out["l2"] * float("nan")
+            out.terms["l2"] = out.terms["l2"] * float("nan")
         return out
     return forward
 

@@ -3,8 +3,10 @@
 - D: hinge loss ``mean(relu(1 - D(x))) + mean(relu(1 + D(x_hat)))`` (+ optional LeCAM).
 - G: ``-mean D(x_hat)`` times the adaptive weight of VQGAN (Esser et al. 2021, eq. 7)
   ``lambda = ||grad_L L_rec|| / (||grad_L L_G|| + adaptive_eps)`` at the decoder's last layer L,
-  clamped to [0.015, 1e4] (UniTok), where ``L_rec`` is the sum of the weighted terms of the losses
-  named in ``adaptive_from`` already computed this step (``outputs["loss_terms"]``). The loss weight
+  clamped to [0.015, 1e4] (UniTok), where ``L_rec`` is the sum of the weighted terms named in
+  ``adaptive_from`` as ``<loss type>/<term>`` (default ``pixel/l1``, ``pixel/l2``,
+  ``perceptual/lpips``), read by (type, term) from ``outputs["loss_terms"]`` (the terms computed
+  this step; a type configured twice counts with both losses' terms). The loss weight
   (UniTok: 0.4), start step and warm-up ramp (UniTok: 3% of training) come from the common
   schedule; D trains from ``start_step`` on.
 - Discriminators (``discriminator: {type: ...}``): ``patchgan`` (VQGAN's N-layer PatchGAN) or ``dino``
@@ -36,8 +38,10 @@ inputs cropped at random or area-resized (1/2 each) to 252 px for 256-px images;
 xavier-normal gain 0.5, ``init_weights``). ``discriminator: {type: dino, head: mlp, resize: bilinear}`` keep vtok's
 earlier head (LayerNorm -> Linear -> LeakyReLU -> Linear per patch token) and bilinear resize.
 
-Terms: ``generator`` (adaptive weight included), and diagnostics with weight 0:
-``adaptive_weight``, ``logits_fake``.
+Result: term ``generator`` (adaptive weight included); metrics ``adaptive_weight``, ``logits_fake``.
+D's side (:meth:`AdversarialLoss.aux_loss`): terms ``hinge``, ``lecam`` and ``bcr`` (each times its
+weight, summed and minimised); metrics ``logits_real``, ``logits_fake``. Reads only the outputs
+(``images``, ``recon``, ``last_layer``, ``loss_terms``); the model is not kept.
 """
 from __future__ import annotations
 
@@ -50,7 +54,7 @@ from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
 
 from core.hookspecs import hookimpl
-from core.interfaces import Loss, LossConfig, OptimizerConfig, VocabModel
+from core.interfaces import Loss, LossConfig, LossResult, OptimizerConfig, VocabModel
 from plugins.local_weights import load_timm_local, require_file
 
 Aug = Literal["color", "translation", "cutout"]
@@ -125,7 +129,8 @@ class AdversarialConfig(LossConfig):
     discriminator: DiscriminatorConfig = Field(default_factory=PatchGANConfig)  # by type; a bare name takes its defaults
     optimizer: DiscriminatorOptimizerConfig = Field(default_factory=DiscriminatorOptimizerConfig)  # D's AdamW and lr schedule
     adaptive: bool = True  # VQGAN adaptive weight (else 1)
-    adaptive_from: list[str] = Field(default_factory=lambda: ["pixel", "perceptual"])  # loss types forming L_rec
+    # weighted terms forming L_rec, as <loss type>/<term> (a missing one counts nothing)
+    adaptive_from: list[str] = Field(default_factory=lambda: ["pixel/l1", "pixel/l2", "perceptual/lpips"])
     adaptive_min: float = Field(0.015, ge=0)  # clamp of the adaptive weight (UniTok: 0.015)
     adaptive_max: float = Field(1e4, gt=0)  # (UniTok: 1e4)
     adaptive_eps: float = Field(1e-6, ge=0)  # added to ||grad L_G|| (UniTok: 1e-6; VQGAN: 1e-4)
@@ -142,6 +147,20 @@ class AdversarialConfig(LossConfig):
     @classmethod
     def _bare_name(cls, v: Any) -> Any:
         return {"type": v} if isinstance(v, str) else v
+
+    @field_validator("adaptive_from")
+    @classmethod
+    def _type_term_pairs(cls, v: list[str]) -> list[str]:
+        for entry in v:
+            if entry.count("/") != 1 or not all(entry.split("/")):
+                raise ValueError(f"'{entry}': name a (loss type, term) pair as <type>/<term>, e.g. pixel/l2 "
+                                 "(a bare loss type is retired)")
+        return v
+
+    @property
+    def adaptive_terms(self) -> set[tuple[str, str]]:
+        """``adaptive_from`` as (loss type, term) keys of ``outputs["loss_terms"]``."""
+        return {tuple(entry.split("/")) for entry in self.adaptive_from}  # type: ignore[misc]
 
 
 # ---- discriminators ------------------------------------------------------------------------
@@ -374,16 +393,16 @@ class AdversarialLoss(Loss):
         return self.discriminator(diff_augment(x, self.cfg.diffaug, self.cfg.cutout_ratio)).float()
 
     def _rec_loss(self, outputs: dict[str, Any]) -> Optional[Tensor]:
-        # the trainer labels repeated loss types "pixel0", "pixel1": match on the type
-        terms = [v for k, v in outputs.get("loss_terms", {}).items()
-                 if k.split("/", 1)[0].rstrip("0123456789") in self.cfg.adaptive_from and v.requires_grad]
+        """Sum of the weighted terms named in ``adaptive_from`` (keys ``(type, term)``) that carry a gradient."""
+        wanted = self.cfg.adaptive_terms
+        terms = [v for key, v in outputs.get("loss_terms", {}).items() if key in wanted and v.requires_grad]
         return torch.stack([t.float() for t in terms]).sum() if terms else None
 
-    def forward(self, batch: dict[str, Any], outputs: dict[str, Any], step: int) -> dict[str, Tensor]:
+    def forward(self, batch: dict[str, Any], outputs: dict[str, Any], step: int) -> LossResult:
         recon = outputs["recon"]
         if step < self.cfg.start_step:  # no D forward before the GAN starts
             zero = recon.new_zeros((), dtype=torch.float32)
-            return {"generator": zero, "adaptive_weight": zero, "logits_fake": zero}
+            return LossResult({"generator": zero}, {"adaptive_weight": zero, "logits_fake": zero})
         params = self.aux_parameters()
         try:  # the generator step must not fill the discriminator's .grad
             for p in params:
@@ -398,10 +417,8 @@ class AdversarialLoss(Loss):
         if self.cfg.adaptive and rec is not None and gen.requires_grad and torch.is_grad_enabled():
             weight = adaptive_weight(rec, gen, outputs["last_layer"], self.cfg.adaptive_min, self.cfg.adaptive_max,
                                      self.cfg.adaptive_eps)
-        return {"generator": weight * gen, "adaptive_weight": weight.detach(), "logits_fake": logits_fake.detach().mean()}
-
-    def term_weights(self) -> dict[str, float]:
-        return {"generator": 1.0, "adaptive_weight": 0.0, "logits_fake": 0.0}
+        return LossResult({"generator": weight * gen},
+                          {"adaptive_weight": weight.detach(), "logits_fake": logits_fake.detach().mean()})
 
     # ---- discriminator side ------------------------------------------------------------------
     def aux_parameters(self) -> list[nn.Parameter]:
@@ -425,22 +442,18 @@ class AdversarialLoss(Loss):
         if o.grad_clip:
             torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], o.grad_clip)
 
-    def aux_loss(self, batch: dict[str, Any], outputs: dict[str, Any], step: int) -> Optional[dict[str, Tensor]]:
+    def aux_loss(self, batch: dict[str, Any], outputs: dict[str, Any], step: int) -> Optional[LossResult]:
+        """D's objective: terms ``hinge``, ``lecam`` x weight, ``bcr`` x weight (summed by the trainer)."""
         if step < self.cfg.start_step:
             return None
         real, fake = outputs["images"].detach(), outputs["recon"].detach()
         lr_, lf = self._d(real, step), self._d(fake, step)
-        hinge = hinge_d_loss(lr_, lf)
-        out = {"hinge": hinge, "logits_real": lr_.detach().mean(), "logits_fake": lf.detach().mean()}
-        total = hinge
+        terms = {"hinge": hinge_d_loss(lr_, lf)}
         if self.cfg.lecam > 0:
-            out["lecam"] = self._lecam(lr_, lf)
-            total = total + self.cfg.lecam * out["lecam"]
+            terms["lecam"] = self.cfg.lecam * self._lecam(lr_, lf)
         if self.cfg.bcr > 0:
-            out["bcr"] = self._bcr(real, fake, lr_, lf)
-            total = total + self.cfg.bcr * out["bcr"]
-        out["total"] = total
-        return out
+            terms["bcr"] = self.cfg.bcr * self._bcr(real, fake, lr_, lf)
+        return LossResult(terms, {"logits_real": lr_.detach().mean(), "logits_fake": lf.detach().mean()})
 
     def _bcr(self, real: Tensor, fake: Tensor, logits_real: Tensor, logits_fake: Tensor) -> Tensor:
         """bCR (Zhao et al. 2021): ``mean((D(T(x)) - D(x))^2) + mean((D(T(x_hat)) - D(x_hat))^2)``,

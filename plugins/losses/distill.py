@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from core.checkpoint import find_run_dir
 from core.errors import ConfigError
 from core.hookspecs import hookimpl
-from core.interfaces import Loss, LossConfig, VocabModel
+from core.interfaces import Loss, LossConfig, LossResult, VocabModel
 from plugins.local_weights import load_timm_local, require_file
 
 
@@ -149,7 +149,10 @@ def cosine_distance(a: Tensor, b: Tensor) -> Tensor:
 
 
 class DistillLoss(Loss):
-    """UniWeTok PPD: terms ``pre`` and/or ``post`` (cosine distances to the teacher embedding)."""
+    """UniWeTok PPD: terms ``pre`` and/or ``post`` (cosine distances to the teacher embedding).
+
+    Reads the outputs ``images``, ``z`` and ``zq`` only; the tokenizer's dims are read at build time
+    and it is not kept. The teacher is a separate frozen network the loss owns (not the model)."""
 
     Config = DistillConfig
 
@@ -168,14 +171,14 @@ class DistillLoss(Loss):
         teacher = self._teacher[0].to(images.device)
         return teacher(images)
 
-    def forward(self, batch: dict[str, Any], outputs: dict[str, Any], step: int) -> dict[str, Tensor]:
+    def forward(self, batch: dict[str, Any], outputs: dict[str, Any], step: int) -> LossResult:
         target = self.teacher_embed(outputs["images"])
         terms = {}
         if self.head_pre is not None:
             terms["pre"] = cosine_distance(self.head_pre(outputs["z"].float()), target)
         if self.head_post is not None:
             terms["post"] = cosine_distance(self.head_post(outputs["zq"].float()), target)
-        return terms
+        return LossResult(terms)
 
     def term_weights(self) -> dict[str, float]:
         return {"pre": 1.0, "post": self.cfg.eta}

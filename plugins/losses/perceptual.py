@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from torch import Tensor, nn
+from torch import nn
 
 from core.hookspecs import hookimpl
-from core.interfaces import Loss, LossConfig
+from core.interfaces import Loss, LossConfig, LossResult
 from plugins.lpips_net import LpipsWeightsFields, build_lpips, lpips_distance
 
 
@@ -34,10 +34,10 @@ class PerceptualLoss(Loss):
     def net(self) -> nn.Module:
         return self._net[0]
 
-    def forward(self, batch: dict[str, Any], outputs: dict[str, Any], step: int) -> dict[str, Tensor]:
+    def forward(self, batch: dict[str, Any], outputs: dict[str, Any], step: int) -> LossResult:
         x, y = outputs["images"], outputs["recon"]
         net = self.net.to(x.device)
-        return {"lpips": lpips_distance(net, y, x).mean()}
+        return LossResult({"lpips": lpips_distance(net, y, x).mean()})
 
 
 @hookimpl

@@ -5,10 +5,9 @@ from typing import Any, Literal
 
 import torch.nn.functional as F
 from pydantic import Field
-from torch import Tensor
 
 from core.hookspecs import hookimpl
-from core.interfaces import Loss, LossConfig
+from core.interfaces import Loss, LossConfig, LossResult
 
 
 class PixelConfig(LossConfig):
@@ -26,9 +25,9 @@ class PixelLoss(Loss):
         super().__init__()
         self.cfg = cfg
 
-    def forward(self, batch: dict[str, Any], outputs: dict[str, Any], step: int) -> dict[str, Tensor]:
+    def forward(self, batch: dict[str, Any], outputs: dict[str, Any], step: int) -> LossResult:
         x, y = outputs["images"].float(), outputs["recon"].float()
-        return {"l1": F.l1_loss(y, x), "l2": F.mse_loss(y, x)}
+        return LossResult({"l1": F.l1_loss(y, x), "l2": F.mse_loss(y, x)})
 
     def term_weights(self) -> dict[str, float]:
         return {"l1": self.cfg.l1, "l2": self.cfg.l2}

@@ -20,7 +20,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from core.hookspecs import hookimpl
-from core.interfaces import Loss, LossConfig
+from core.interfaces import Loss, LossConfig, LossResult
 
 
 class PriorConfig(LossConfig):
@@ -70,7 +70,8 @@ class DiffusionHead(nn.Module):
 
 
 class PriorLoss(Loss):
-    """GAP: next-token diffusion loss on the quantized tokens (term ``next_token``)."""
+    """GAP: next-token diffusion loss on the quantized tokens (term ``next_token``). Reads the output
+    ``zq`` only; the latent width and token count come from the model at build time (not kept)."""
 
     Config = PriorConfig
 
@@ -111,9 +112,9 @@ class PriorLoss(Loss):
         z = (1 - t) * eps + t * target
         return v_loss(target, self.head(z, h, t), z, t, self.cfg.min_one_minus_t)
 
-    def forward(self, batch: dict[str, Any], outputs: dict[str, Any], step: int) -> dict[str, Tensor]:
+    def forward(self, batch: dict[str, Any], outputs: dict[str, Any], step: int) -> LossResult:
         with torch.autocast(device_type=outputs["zq"].device.type, enabled=False):  # tiny model: fp32
-            return {"next_token": self.per_token_loss(outputs["zq"].float()).mean()}
+            return LossResult({"next_token": self.per_token_loss(outputs["zq"].float()).mean()})
 
 
 @hookimpl

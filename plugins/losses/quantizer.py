@@ -21,10 +21,9 @@ from __future__ import annotations
 from typing import Any, Literal, Optional
 
 from pydantic import Field
-from torch import Tensor
 
 from core.hookspecs import hookimpl
-from core.interfaces import Loss, LossConfig
+from core.interfaces import Loss, LossConfig, LossResult
 
 
 class QuantizerLossConfig(LossConfig):
@@ -50,14 +49,14 @@ class QuantizerLoss(Loss):
     def __init__(self, cfg: QuantizerLossConfig, model: Any = None) -> None:
         super().__init__()
         self.cfg = cfg
-        self.weights = model.quantizer.loss_weights() if model is not None else {}
+        self.weights = model.quantizer.loss_weights() if model is not None else {}  # read at build time
 
-    def forward(self, batch: dict[str, Any], outputs: dict[str, Any], step: int) -> dict[str, Tensor]:
+    def forward(self, batch: dict[str, Any], outputs: dict[str, Any], step: int) -> LossResult:
         terms = dict(outputs["quant"].losses)
         if self.cfg.ramp_terms is not None:  # per-term ramp: applied here, to the listed terms only
             r = ramp_factor(step, self.cfg.ramp_steps, self.cfg.ramp_from)
             terms = {k: v * r if k in self.cfg.ramp_terms else v for k, v in terms.items()}
-        return terms
+        return LossResult(terms)
 
     def term_weights(self) -> dict[str, float]:
         return dict(self.weights)
