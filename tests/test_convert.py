@@ -204,7 +204,7 @@ def _write_config(tmp: Path) -> Path:
 
 
 def test_cli_writes_a_run_tokenize_and_teachers_accept(tmp_path, capsys):
-    from core.checkpoint import load_for_inference
+    from core.rundir import load_for_inference
     from core.tokenize import main as tokenize_main
 
     official = official_state(distinct=False)

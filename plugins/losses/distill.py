@@ -23,10 +23,10 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from core.checkpoint import find_run_dir
 from core.errors import ConfigError
 from core.hookspecs import hookimpl
 from core.interfaces import Loss, LossConfig, VocabModel
+from core.rundir import find_run_dir, load_for_inference
 from plugins.local_weights import load_timm_local, require_file
 
 
@@ -101,8 +101,6 @@ def _vtok_embed(model: nn.Module, x: Tensor) -> Tensor:
 def build_teacher(cfg: TeacherConfig) -> Teacher:
     size = cfg.image_size
     if cfg.kind == "vtok":
-        from core.checkpoint import load_for_inference  # the lead's checkpoint module
-
         _, model = load_for_inference(cfg.weights)
         return Teacher(_vtok_embed, model, size or model.image_size)
     if cfg.kind == "open_clip":
