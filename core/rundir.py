@@ -19,7 +19,9 @@ weights-only ``checkpoints/step_00000000/`` (no optimizer state).
 
 Resume (``train.resume``): ``auto`` continues from the newest checkpoint that verifies (damaged
 ones are skipped with a warning), ``never`` starts over in a new ``<run dir>-<date>-<time>``
-directory, a checkpoint directory continues from that checkpoint (a damaged one is an error).
+directory, a checkpoint directory (or a run directory: its newest checkpoint) continues from that
+checkpoint (a damaged one is an error). A weights-only checkpoint (``core.convert``'s) starts a new
+run at step 0 from its model weights (fresh optimizers, loss modules and random states).
 
 Lookup (:func:`resolve_checkpoint`, :func:`load_for_inference`, distillation teachers): a run
 directory, a checkpoint directory, a run-name prefix (``runs/clip_teacher`` names the newest run of
@@ -130,6 +132,8 @@ def resolve_resume(exp: Any) -> Resume:
         ckpt = Path(mode)
         if not ckpt.is_dir():
             raise ConfigError("train.resume", f"no checkpoint directory at {mode}")
+        if not (ckpt / STATE).is_file() and list_checkpoints(ckpt):  # a run directory: its newest checkpoint
+            ckpt = list_checkpoints(ckpt)[-1]
         problem = verify(ckpt)
         if problem:
             raise ConfigError("train.resume", f"checkpoint {mode} is damaged: {problem}")

@@ -314,7 +314,7 @@ class _Run:
         # that only evaluation reads, loss modules behind a schedule, a discriminator
         may_skip = model.text is not None or any(True for loss in losses for _ in loss.parameters())
         self.step_module = dist.wrap_ddp(TrainStep(model, losses, built.labels), device, find_unused=may_skip)
-        self.start, self.run_id, self.skipped = 0, None, 0
+        self.start, self.run_id, self.skipped, self.resumed = 0, None, 0, False
         state = self._load_state() if resume.ckpt is not None else None
         # data before any file or MLflow run exists: a batch larger than the data is bad input
         self.data = train_loader(built.train_set, cfg, exp.seed, self.start)
@@ -328,11 +328,20 @@ class _Run:
         self.usage_history: list[tuple[int, list[float]]] = []  # codebook usage per evaluation (figures)
         self.tracker = Tracker()  # the real one from open()
 
-    def _load_state(self) -> dict[str, Any]:
+    def _load_state(self) -> dict[str, Any] | None:
         """Weights, optimizer and scheduler states and counters from the checkpoint being resumed
-        (its random states are restored after the data loader exists)."""
+        (its random states are restored after the data loader exists). A weights-only checkpoint
+        (core.convert) gives the model its weights and nothing else: a new run from step 0 (None)."""
         ckpt, model, losses = self.resume.ckpt, self.model, self.losses
         state = load_checkpoint(ckpt)
+        if not state["optimizers"]:
+            check_resumable(state, ckpt, {"model.": model}, {})
+            model.load_state_dict({k[6:]: v for k, v in state["model"].items() if k.startswith("model.")})
+            if self.is_main:
+                print(f"vtok: starting {self.run_dir} from the weights in {ckpt} (weights only: new optimizer state, "
+                      "step 0)", file=sys.stderr)
+            return None
+        self.resumed = True
         check_resumable(state, ckpt, {"model.": model, "losses.": losses},
                         {"main": self.opt, **{f"aux{i}": o for i, o in self.aux_opts.items()}})
         model.load_state_dict({k[6:]: v for k, v in state["model"].items() if k.startswith("model.")})
@@ -366,9 +375,9 @@ class _Run:
         # params: what the run computes (the sweep and paper sections are the sweep's and the report's)
         params = flatten({k: v for k, v in resolved.items() if k not in ("sweep", "paper")})
         self.run_id = tracker.start(run_name or exp.name, params, all_tags, run_id=self.run_id, parent_run_id=parent_run_id)
-        if self.is_main and self.run_id and self.resume.ckpt is not None:
+        if self.is_main and self.run_id and self.resumed:
             tracker.set_tags({"vtok.train_steps": str(cfg.steps)})
-        if self.is_main and self.run_id and self.resume.ckpt is None:
+        if self.is_main and self.run_id and not self.resumed:
             tracker.log_artifact(run_dir / rundir.CONFIG)
             tracker.log_params({f"n_params.{k}": v for k, v in parameter_counts(self.model).items()})
 
