@@ -5,6 +5,10 @@ cosine (or constant), gradient clipping, autocast precision, extra optimizers ow
 plugins (a discriminator) alternating with the generator, buffered tracking, periodic evaluation,
 atomic checkpoints, deterministic resume, clean Ctrl-C. Distributed (torchrun) is handled by
 core.dist: each rank takes its slice of every global batch, only rank 0 writes and tracks.
+
+``train()`` is the step loop; ``_Run`` holds one run's state and its phases (set-up and resume,
+tracking, the generator step, the adversary step, evaluation, checkpoints, finish), ``_Window``
+the logging window. The run directory (name, resume, completion marker) is core.rundir's.
 """
 from __future__ import annotations
 

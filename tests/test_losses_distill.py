@@ -169,3 +169,12 @@ def test_open_clip_teacher_reads_local_file(tmp_path):
         ref = net.encode_image(((x32 + 1) / 2 - mean) / std)
     assert loss.head_pre is not None and torch.allclose(loss.teacher_embed(x), ref, atol=1e-5)
 
+
+
+def test_ambiguous_teacher_prefix_is_a_config_error_at_the_teacher(tmp_path):
+    from core.checkpoint import save_checkpoint
+
+    for name in ("clip_teacher-aaaa00000000", "clip_teacher_big-bbbb00000000"):
+        save_checkpoint(tmp_path / "runs" / name, 1, {"w": torch.zeros(1)}, {}, {})
+    with pytest.raises(ConfigError, match=r"^losses\.0\.teacher.*ambiguous run-name prefix: it matches 2 runs"):
+        tiny_exp(losses=[{"type": "distill", "teacher": {"kind": "vtok", "weights": str(tmp_path / "runs" / "clip")}}])

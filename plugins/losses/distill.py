@@ -42,7 +42,11 @@ class TeacherConfig(VocabModel):
         if self.kind != "vtok" and not self.name:
             raise ValueError(f"teacher kind '{self.kind}' needs a model name (teacher.name)")
         if self.kind == "vtok":
-            if find_run_dir(self.weights) is None:
+            try:
+                found = find_run_dir(self.weights)
+            except ConfigError as e:  # an ambiguous run-name prefix
+                raise ValueError(e.message) from None
+            if found is None:
                 from core.needs import missing
 
                 missing("distillation teacher run",  # --dry-run lists it; a real run stops here
