@@ -1,4 +1,6 @@
-"""Atomic, checksummed checkpoints: safetensors for tensors, JSON for the rest (no pickle).
+"""The checkpoint file format: atomic, checksummed checkpoints, safetensors for tensors, JSON for
+the rest (no pickle). Everything about the run directory around them (naming, resume, the
+completion marker, lookup, loading for inference) is core.rundir's.
 
 Layout: ``<run_dir>/checkpoints/step_00000100/{model,optim,rng}.safetensors + state.json``.
 A checkpoint is written into a temporary directory (each file fsynced), ``state.json`` last with the
@@ -264,80 +266,3 @@ def restore_rng(rng: dict[str, Any], generators: dict[str, torch.Generator] | No
     if torch.is_tensor(rng.get("python")):
         meta = rng.get("python_meta") or {}
         random.setstate((meta.get("version", 3), tuple(int(v) for v in rng["python"].tolist()), meta.get("gauss_next")))
-
-
-# ---- inference loading -----------------------------------------------------------------------------
-
-
-def find_run_dir(path: str | Path) -> Path | None:
-    """``path`` if it is a directory, else the newest ``<path>-<config hash>`` run directory holding a
-    valid checkpoint (so ``runs/clip_teacher`` names the latest clip_teacher run), else None."""
-    p = Path(path).expanduser()
-    if p.is_dir():
-        return p
-    runs = [d for d in p.parent.glob(f"{p.name}-*") if d.is_dir() and list_checkpoints(d)] if p.parent.is_dir() else []
-    return max(runs, key=lambda d: list_checkpoints(d)[-1].stat().st_mtime, default=None)
-
-
-def resolve_checkpoint(path_or_run_id: str) -> tuple[Path, Path]:
-    """A run directory (or run-name prefix, see :func:`find_run_dir`), a checkpoint directory or an
-    MLflow run id -> (run_dir, checkpoint)."""
-    p = find_run_dir(path_or_run_id) or Path(path_or_run_id)
-    if p.is_dir() and (p / STATE).is_file():
-        return p.parent.parent, p
-    if p.is_dir():
-        latest = find_latest(p)
-        if latest is None:
-            raise ConfigError(str(p), "no valid checkpoint in this run directory")
-        return p, latest
-    run_dir = _run_dir_from_mlflow(path_or_run_id)
-    latest = find_latest(run_dir)
-    if latest is None:
-        raise ConfigError(path_or_run_id, f"the run's directory {run_dir} holds no valid checkpoint")
-    return run_dir, latest
-
-
-def _run_dir_from_mlflow(run_id: str) -> Path:
-    import re
-
-    if not re.fullmatch(r"[0-9a-f]{32}", run_id):
-        raise ConfigError(run_id, "not a run directory, a checkpoint directory or an MLflow run id")
-    from mlflow.tracking import MlflowClient
-
-    from core.tracking import resolve_uri
-
-    try:
-        run = MlflowClient(tracking_uri=resolve_uri(None)).get_run(run_id)
-    except Exception as e:  # noqa: BLE001 - MLflow raises several types for "not found"
-        raise ConfigError(run_id, f"MLflow run not found ({type(e).__name__})") from None
-    run_dir = run.data.tags.get("vtok.run_dir")
-    if not run_dir:
-        raise ConfigError(run_id, "this MLflow run has no vtok.run_dir tag")
-    return Path(run_dir)
-
-
-def load_for_inference(path_or_run_id: str, device: str = "cpu") -> tuple[Any, Any]:
-    """(experiment config, Tokenizer in eval mode with the checkpoint's weights)."""
-    from core.config import read_yaml, validate
-    from core.model import Tokenizer
-
-    run_dir, ckpt = resolve_checkpoint(path_or_run_id)
-    cfg_file = run_dir / "config.yaml"
-    if not cfg_file.is_file():
-        raise ConfigError(str(run_dir), "config.yaml missing from the run directory")
-    try:
-        exp = validate(read_yaml(cfg_file))
-    except ConfigError as e:
-        raise ConfigError(str(cfg_file), e.message if e.path == str(cfg_file) else str(e)) from None
-    model = Tokenizer(exp.model, exp.data.image_size)
-    try:
-        sd = load_file(str(ckpt / "model.safetensors"))
-    except Exception as e:  # noqa: BLE001 - safetensors raises several types for a bad file
-        raise ConfigError(str(ckpt / "model.safetensors"), f"not a readable safetensors file ({type(e).__name__})") from None
-    check_resumable({"model": {k: v for k, v in sd.items() if k.startswith("model.")}, "optimizers": {}}, ckpt,
-                    {"model.": model}, {}, where=str(ckpt / "model.safetensors"))
-    bad = next((k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
-    if bad is not None:
-        raise ConfigError(str(ckpt / "model.safetensors"), f"{bad} holds non-finite values (a damaged or diverged checkpoint)")
-    model.load_state_dict({k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")})
-    return exp, model.to(device).eval()

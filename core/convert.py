@@ -11,7 +11,7 @@ The checkpoint is FoundationVision/UniTok's (``torch.load``-able, read with ``we
 its ``inference.py`` loads). ``--config`` is the vtok experiment whose ``model`` has the same layout
 (the shipped full-scale config does; ``key=value`` overrides as for ``core.run``). The output is a
 run directory -- ``config.yaml`` + ``checkpoints/step_00000000/`` -- that ``core.tokenize``, the
-evaluators and distillation teachers (``load_for_inference``) accept. It holds no optimizer state.
+evaluators and distillation teachers (``core.rundir.load_for_inference``) accept. It holds no optimizer state.
 
 Which official tensor goes where:
 - core owns this table for what core builds: ``text_encoder.*`` -> ``text.transformer.*`` (open_clip's

@@ -66,7 +66,8 @@ def generation_plugin(exp: Any) -> tuple[Any, Any]:
 
 
 def checkpoint_step(run: str) -> tuple[Path, int]:
-    from core.checkpoint import STATE, resolve_checkpoint
+    from core.checkpoint import STATE
+    from core.rundir import resolve_checkpoint
 
     run_dir, ckpt = resolve_checkpoint(run)
     return run_dir, int(json.loads((ckpt / STATE).read_text(encoding="utf-8"))["step"])
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--nrow", f"must be positive, got {args.nrow}")
         if args.prior and not Path(args.prior).is_file():
             raise ConfigError("--prior", f"{args.prior}: prior file not found")
-        from core.checkpoint import load_for_inference
+        from core.rundir import load_for_inference
 
         exp, model = load_for_inference(args.run, device=args.device)
         gen, cfg = generation_plugin(exp)

@@ -13,7 +13,7 @@ Decode::
     python -m core.tokenize --run RUN --decode tokens.safetensors --out images.safetensors  # or a directory of PNGs
 
 ``RUN`` is a run directory (``runs/<name>-<hash>/``), a checkpoint directory inside it, or an MLflow
-run id (:func:`core.checkpoint.load_for_inference`).
+run id (:func:`core.rundir.load_for_inference`).
 
 The dataset: by default the run's own ``data`` section. ``--data FILE.yaml`` gives another one: a
 YAML file holding either a dataset config mapping (``{type: image_folder, root: ..., image_size:
@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         check_out(args.out, bool(args.decode))
         if args.decode:
             load_tokens(args.decode)  # a missing or unreadable tokens file before the model is loaded
-        from core.checkpoint import load_for_inference
+        from core.rundir import load_for_inference
 
         exp, model = load_for_inference(args.run, device=args.device)
         if args.decode:

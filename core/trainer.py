@@ -5,10 +5,13 @@ cosine (or constant), gradient clipping, autocast precision, extra optimizers ow
 plugins (a discriminator) alternating with the generator, buffered tracking, periodic evaluation,
 atomic checkpoints, deterministic resume, clean Ctrl-C. Distributed (torchrun) is handled by
 core.dist: each rank takes its slice of every global batch, only rank 0 writes and tracks.
+
+``train()`` is the step loop; ``_Run`` holds one run's state and its phases (set-up and resume,
+tracking, the generator step, the adversary step, evaluation, checkpoints, finish), ``_Window``
+the logging window. The run directory (name, resume, completion marker) is core.rundir's.
 """
 from __future__ import annotations
 
-import json
 import math
 import signal
 import sys
@@ -19,13 +22,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-import yaml
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, Sampler, Subset
 
-from core import dist, quant_stats
-from core.checkpoint import (check_resumable, find_latest, load_checkpoint, plugin_generators, restore_rng,
-                             save_checkpoint, verify)
+from core import dist, quant_stats, rundir
+from core.checkpoint import check_resumable, load_checkpoint, plugin_generators, restore_rng, save_checkpoint
 from core.config import config_hash, flatten, to_dict
 from core.errors import ConfigError
 from core.figures import log_eval_figures
@@ -281,31 +282,8 @@ def evaluate(model: Tokenizer, evaluators: list[Any], loader: DataLoader, autoca
 
 
 # ------------------------------------------------------------------------------------------------
-# run directory and interruption
+# interruption
 # ------------------------------------------------------------------------------------------------
-
-
-def run_dir_for(exp: Any) -> Path:
-    return Path(exp.train.out_dir) / f"{exp.name}-{config_hash(exp)}"
-
-
-def resolve_resume(exp: Any) -> tuple[Path, Path | None]:
-    """(run directory, checkpoint to resume from or None)."""
-    run_dir = run_dir_for(exp)
-    mode = exp.train.resume
-    if mode == "auto":
-        return run_dir, find_latest(run_dir)
-    if mode == "never":
-        if run_dir.exists():
-            run_dir = run_dir.with_name(f"{run_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-        return run_dir, None
-    ckpt = Path(mode)
-    if not ckpt.is_dir():
-        raise ConfigError("train.resume", f"no checkpoint directory at {mode}")
-    problem = verify(ckpt)
-    if problem:
-        raise ConfigError("train.resume", f"checkpoint {mode} is damaged: {problem}")
-    return run_dir, ckpt
 
 
 class StopFlag:
@@ -334,6 +312,219 @@ class StopFlag:
 
 
 # ------------------------------------------------------------------------------------------------
+# one run: set-up, the steps, tracking, evaluation, checkpoints, finish
+# ------------------------------------------------------------------------------------------------
+
+
+class _Run:
+    """One run's state from set-up to finish: the model and losses on the training device, the
+    optimizers (the generator's, and one per loss that trains an adversary), the scheduler, the
+    (DDP-wrapped) step module, the data, the tracker and the run directory (core.rundir)."""
+
+    def __init__(self, exp: Any, built: Built, device: torch.device, resume: rundir.Resume,
+                 on_eval: Callable[[int, dict[str, float]], None] | None) -> None:
+        cfg = self.cfg = exp.train
+        self.exp, self.built, self.device, self.on_eval = exp, built, device, on_eval
+        self.resume, self.run_dir, self.is_main = resume, resume.run_dir, dist.rank() == 0
+        self.model, self.losses = model, losses = built.model.to(device), built.losses.to(device)
+        aux = [(i, list(loss.aux_parameters())) for i, loss in enumerate(losses)]
+        aux_ids = {id(p) for _, ps in aux for p in ps}
+        o = cfg.optimizer
+        self.opt = torch.optim.AdamW(param_groups([model, losses], aux_ids, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps)
+        self.aux_opts = {i: losses[i].aux_optimizer(ps) for i, ps in aux if ps}
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, cfg))
+        # DDP must look for unused parameters only where some can be unused at a step: a text tower
+        # that only evaluation reads, loss modules behind a schedule, a discriminator
+        may_skip = model.text is not None or any(True for loss in losses for _ in loss.parameters())
+        self.step_module = dist.wrap_ddp(TrainStep(model, losses, built.labels), device, find_unused=may_skip)
+        self.start, self.run_id, self.skipped, self.resumed = 0, None, 0, False
+        state = self._load_state() if resume.ckpt is not None else None
+        # data before any file or MLflow run exists: a batch larger than the data is bad input
+        self.data = train_loader(built.train_set, cfg, exp.seed, self.start)
+        self.generators = plugin_generators(model, losses)
+        if state is not None:  # after the loader: making its iterator draws from the global stream
+            restore_rng(state["rng"], self.generators)
+        self.ev_loader = eval_loader(built.eval_set, cfg)
+        dtype = DTYPES[cfg.precision]
+        self.autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
+        self.scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" and device.type == "cuda" else None
+        self.usage_history: list[tuple[int, list[float]]] = []  # codebook usage per evaluation (figures)
+        self.tracker = Tracker()  # the real one from open()
+
+    def _load_state(self) -> dict[str, Any] | None:
+        """Weights, optimizer and scheduler states and counters from the checkpoint being resumed
+        (its random states are restored after the data loader exists). A weights-only checkpoint
+        (core.convert) gives the model its weights and nothing else: a new run from step 0 (None)."""
+        ckpt, model, losses = self.resume.ckpt, self.model, self.losses
+        state = load_checkpoint(ckpt)
+        if not state["optimizers"]:
+            check_resumable(state, ckpt, {"model.": model}, {})
+            model.load_state_dict({k[6:]: v for k, v in state["model"].items() if k.startswith("model.")})
+            if self.is_main:
+                print(f"vtok: starting {self.run_dir} from the weights in {ckpt} (weights only: new optimizer state, "
+                      "step 0)", file=sys.stderr)
+            return None
+        self.resumed = True
+        check_resumable(state, ckpt, {"model.": model, "losses.": losses},
+                        {"main": self.opt, **{f"aux{i}": o for i, o in self.aux_opts.items()}})
+        model.load_state_dict({k[6:]: v for k, v in state["model"].items() if k.startswith("model.")})
+        losses.load_state_dict({k[7:]: v for k, v in state["model"].items() if k.startswith("losses.")})
+        self.opt.load_state_dict(state["optimizers"]["main"])
+        for i, o in self.aux_opts.items():
+            o.load_state_dict(state["optimizers"][f"aux{i}"])
+        self.sched.load_state_dict(state["extra"]["scheduler"])
+        self.start, self.run_id, self.skipped = state["step"], state["extra"].get("run_id"), state["extra"].get("skipped", 0)
+        if self.is_main:
+            extended = " (a finished run, continued: the learning-rate schedule now ends at the new total)" if self.resume.continued else ""
+            print(f"vtok: resuming {self.run_dir} from step {self.start} of {self.cfg.steps}{extended}", file=sys.stderr)
+        return state
+
+    def open(self, tracker: Tracker | None, tags: dict[str, str] | None, parent_run_id: str | None,
+             run_name: str | None) -> None:
+        """Write the run directory (rank 0) and start the tracked run: tags, params, parameter
+        counts; a resumed run continues its own tracked run."""
+        exp, cfg, run_dir = self.exp, self.cfg, self.run_dir
+        if tracker is None:
+            tracker = make_tracker(exp.tracking, exp.name, enabled=self.is_main)
+        self.tracker = tracker
+        resolved = to_dict(exp)
+        if self.is_main:
+            rundir.start(run_dir, resolved)
+        all_tags = {"vtok.config_hash": config_hash(exp), "vtok.experiment": exp.name, "vtok.run_dir": str(run_dir.resolve()),
+                    **git_tags(), **(tags or {})}
+        all_tags["vtok.train_steps"] = str(cfg.steps)  # the param is the first run's; this follows continuations
+        if exp.paper is not None and exp.paper.source:
+            all_tags["vtok.paper"] = exp.paper.source
+        # params: what the run computes (the sweep and paper sections are the sweep's and the report's)
+        params = flatten({k: v for k, v in resolved.items() if k not in ("sweep", "paper")})
+        self.run_id = tracker.start(run_name or exp.name, params, all_tags, run_id=self.run_id, parent_run_id=parent_run_id)
+        if self.is_main and self.run_id and self.resumed:
+            tracker.set_tags({"vtok.train_steps": str(cfg.steps)})
+        if self.is_main and self.run_id and not self.resumed:
+            tracker.log_artifact(run_dir / rundir.CONFIG)
+            tracker.log_params({f"n_params.{k}": v for k, v in parameter_counts(self.model).items()})
+
+    def generator_step(self, batch: dict[str, Any], step: int, acc: dict[str, list[torch.Tensor]]) -> tuple[Any, Any]:
+        """Forward, the finiteness check, backward, clipping, optimizer and scheduler steps ->
+        (outputs, logs); (None, None) for a skipped non-finite step (``train.on_nonfinite``)."""
+        cfg, opt, scaler = self.cfg, self.opt, self.scaler
+        with self.autocast():
+            total, outputs, logs = self.step_module(batch, step)
+        if not torch.isfinite(total).item():  # the one host sync per step (skip/stop needs it now)
+            if cfg.on_nonfinite == "stop":
+                raise NonFiniteLoss(f"non-finite loss at step {step}")
+            self.skipped += 1
+            opt.zero_grad(set_to_none=True)
+            self.sched.step()
+            self.tracker.log_metrics({"train/skipped_steps": self.skipped}, step)
+            return None, None
+        opt.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(total).backward()
+            scaler.unscale_(opt)
+        else:
+            total.backward()
+        if cfg.grad_clip:
+            acc.setdefault("train/grad_norm", []).append(
+                torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip))
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        self.model.after_optimizer_step()
+        self.sched.step()
+        return outputs, logs
+
+    def adversary_step(self, batch: dict[str, Any], outputs: dict[str, Any], step: int, acc: dict[str, list[torch.Tensor]]) -> None:
+        """Each loss that trains an adversary (a discriminator) takes its step on the detached outputs."""
+        losses, aux_opts, autocast, built = self.losses, self.aux_opts, self.autocast, self.built
+        for i, aopt in aux_opts.items():  # alternate: the adversary's step on detached outputs
+            detached = {k: v.detach() if torch.is_tensor(v) else v for k, v in outputs.items()}
+            with autocast():
+                aout = losses[i].aux_loss(batch, detached, step)
+            if aout is not None:
+                atotal = aux_total(aout, built.labels[i])
+                aopt.zero_grad(set_to_none=True)
+                atotal.backward()
+                dist.all_reduce_grads_([p for g in aopt.param_groups for p in g["params"]])
+                losses[i].before_aux_step(aopt, step)
+                aopt.step()
+                for k, v in {**aout.terms, **aout.metrics, "total": atotal}.items():
+                    acc.setdefault(f"aux/{built.labels[i]}/{k}", []).append(v.detach().float())
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Rank 0 evaluates, logs the metrics, figures and evaluators' files; ``on_eval`` may stop the run."""
+        metrics: dict[str, float] = {}
+        if self.is_main:
+            evaluators, tracker = self.built.evaluators, self.tracker
+            metrics = evaluate(self.model, evaluators, self.ev_loader, self.autocast)
+            tracker.log_metrics(metrics, step)
+            files = [f for ev in evaluators for f in getattr(ev, "save_artifacts", lambda *a: [])(self.run_dir, step)]
+            if self.run_id:
+                tracker.flush()
+                log_eval_figures(tracker, self.model, self.ev_loader, self.run_dir, step, self.usage_history)
+                for path, where in files:
+                    tracker.log_artifact(path, where)
+            if self.on_eval is not None:
+                self.on_eval(step, metrics)
+        dist.barrier()
+        return metrics
+
+    def checkpoint(self, step: int) -> None:
+        if not self.is_main:
+            return
+        sd = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        sd.update({f"losses.{k}": v for k, v in self.losses.state_dict().items()})
+        optims = {"main": self.opt.state_dict(), **{f"aux{i}": o.state_dict() for i, o in self.aux_opts.items()}}
+        extra = {"scheduler": self.sched.state_dict(), "run_id": self.run_id, "skipped": self.skipped}
+        save_checkpoint(self.run_dir, step, sd, optims, extra, keep=self.cfg.keep_checkpoints, generators=self.generators)
+
+    def finish(self, loop_start: float) -> RunResult:
+        """The last checkpoint and evaluation, the completion marker, the tracked run FINISHED."""
+        self.tracker.flush()
+        loop_seconds = time.perf_counter() - loop_start
+        self.checkpoint(self.cfg.steps)
+        metrics = self.evaluate(self.cfg.steps)
+        if self.skipped:
+            metrics["skipped_steps"] = float(self.skipped)
+        if self.is_main:
+            rundir.write_complete(self.run_dir, metrics, self.run_id)
+        self.tracker.end("FINISHED")
+        return RunResult(self.run_dir, metrics, "FINISHED", self.run_id, self.model, loop_seconds)
+
+
+class _Window:
+    """The logging window: every step's logs and local quantizer statistics, reduced and logged
+    every ``train.log_every`` steps (one stack and one host transfer per window)."""
+
+    def __init__(self) -> None:
+        self.acc: dict[str, list[torch.Tensor]] = {}
+        self.qsteps: list[torch.Tensor] = []  # per-step flat quantizer statistics of the window
+        self.qlayout: Any = None
+        self.t_log, self.n_log = time.perf_counter(), 0
+
+    def add(self, logs: dict[str, torch.Tensor], outputs: dict[str, Any], images: int) -> None:
+        for k, v in logs.items():
+            self.acc.setdefault(k, []).append(v)
+        qflat, self.qlayout = quant_stats.flatten(outputs["quant"].stats)  # local usage statistics
+        self.qsteps.append(qflat)
+        self.n_log += images * dist.world_size()
+
+    def flush(self, run: _Run, step: int, bar: Any) -> None:
+        now, acc = time.perf_counter(), self.acc
+        row = dict(zip(acc, torch.stack([torch.stack(v).mean() for v in acc.values()]).tolist()))
+        # quant/usage etc.: the window's per-step statistics, summed over ranks in ONE collective
+        row.update({f"quant/{k}": v for k, v in quant_stats.window_metrics(self.qsteps, self.qlayout).items()})
+        row["train/lr"] = run.sched.get_last_lr()[0]
+        row["train/images_per_s"] = self.n_log / max(now - self.t_log, 1e-9)
+        run.tracker.log_metrics(row, step)
+        self.acc, self.qsteps, self.t_log, self.n_log = {}, [], now, 0
+        if bar is not None:
+            bar.set_postfix(loss=f"{row['loss/total']:.4f}", img_s=f"{row['train/images_per_s']:.0f}")
+
+
+# ------------------------------------------------------------------------------------------------
 # train
 # ------------------------------------------------------------------------------------------------
 
@@ -345,213 +536,49 @@ def train(exp: Any, reg: Registry | None = None, *, built: Built | None = None, 
     cfg = exp.train
     built = built or build(exp, reg)
     device = pick_device(cfg.device)
-    model, losses = built.model.to(device), built.losses.to(device)
-    run_dir, ckpt = resolve_resume(exp)
-    done = run_dir / "final_metrics.json"
-    ckpt_step = _step_of(ckpt)
-    if ckpt_step is not None and ckpt_step > cfg.steps:
-        raise ConfigError("train.steps", f"{cfg.steps} is below the {ckpt_step} steps already trained in {run_dir} "
-                          "(raise it, or start over with train.resume=never)")
-    if done.is_file() and ckpt is not None and ckpt_step == cfg.steps:
-        result = json.loads(done.read_text())
-        print(f"vtok: {run_dir} is already complete at {cfg.steps} steps (raise train.steps to continue it; "
+    resume = rundir.resolve_resume(exp)
+    if resume.complete:
+        print(f"vtok: {resume.run_dir} is already complete at {cfg.steps} steps (raise train.steps to continue it; "
               "train.resume=never starts over)", file=sys.stderr)
-        return RunResult(run_dir, result["metrics"], "FINISHED", result.get("run_id"))
-
-    aux = [(i, list(loss.aux_parameters())) for i, loss in enumerate(losses)]
-    aux_ids = {id(p) for _, ps in aux for p in ps}
-    o = cfg.optimizer
-    opt = torch.optim.AdamW(param_groups([model, losses], aux_ids, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps)
-    aux_opts = {i: losses[i].aux_optimizer(ps) for i, ps in aux if ps}
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
-    # DDP must look for unused parameters only where some can be unused at a step: a text tower
-    # that only evaluation reads, loss modules behind a schedule, a discriminator
-    may_skip = model.text is not None or any(True for loss in losses for _ in loss.parameters())
-    step_module = dist.wrap_ddp(TrainStep(model, losses, built.labels), device, find_unused=may_skip)
-
-    start, run_id, skipped = 0, None, 0
-    if ckpt is not None:
-        state = load_checkpoint(ckpt)
-        check_resumable(state, ckpt, {"model.": model, "losses.": losses},
-                        {"main": opt, **{f"aux{i}": o for i, o in aux_opts.items()}})
-        model.load_state_dict({k[6:]: v for k, v in state["model"].items() if k.startswith("model.")})
-        losses.load_state_dict({k[7:]: v for k, v in state["model"].items() if k.startswith("losses.")})
-        opt.load_state_dict(state["optimizers"]["main"])
-        for i, o in aux_opts.items():
-            o.load_state_dict(state["optimizers"][f"aux{i}"])
-        sched.load_state_dict(state["extra"]["scheduler"])
-        start, run_id, skipped = state["step"], state["extra"].get("run_id"), state["extra"].get("skipped", 0)
-        if dist.rank() == 0:
-            extended = " (a finished run, continued: the learning-rate schedule now ends at the new total)" if done.is_file() else ""
-            print(f"vtok: resuming {run_dir} from step {start} of {cfg.steps}{extended}", file=sys.stderr)
-
-    # data before any file or MLflow run exists: a batch larger than the data is bad input
-    data = train_loader(built.train_set, cfg, exp.seed, start)
-    generators = plugin_generators(model, losses)
-    if ckpt is not None:  # after the loader: making its iterator draws from the global stream
-        restore_rng(state["rng"], generators)
-    ev_loader = eval_loader(built.eval_set, cfg)
-    is_main = dist.rank() == 0
-    if tracker is None:
-        tracker = make_tracker(exp.tracking, exp.name, enabled=is_main)
-    resolved = to_dict(exp)
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-        done.unlink(missing_ok=True)  # a continued finished run is unfinished until its new total (rewritten at the end)
-    all_tags = {"vtok.config_hash": config_hash(exp), "vtok.experiment": exp.name, "vtok.run_dir": str(run_dir.resolve()),
-                **git_tags(), **(tags or {})}
-    all_tags["vtok.train_steps"] = str(cfg.steps)  # the param is the first run's; this follows continuations
-    if exp.paper is not None and exp.paper.source:
-        all_tags["vtok.paper"] = exp.paper.source
-    # params: what the run computes (the sweep and paper sections are the sweep's and the report's)
-    params = flatten({k: v for k, v in resolved.items() if k not in ("sweep", "paper")})
-    run_id = tracker.start(run_name or exp.name, params, all_tags, run_id=run_id, parent_run_id=parent_run_id)
-    if is_main and run_id and ckpt is not None:
-        tracker.set_tags({"vtok.train_steps": str(cfg.steps)})
-    if is_main and run_id and ckpt is None:
-        tracker.log_artifact(run_dir / "config.yaml")
-        tracker.log_params({f"n_params.{k}": v for k, v in parameter_counts(model).items()})
-
-    dtype = DTYPES[cfg.precision]
-    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
-    scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" and device.type == "cuda" else None
-
-    def checkpoint(step: int) -> None:
-        if not is_main:
-            return
-        sd = {f"model.{k}": v for k, v in model.state_dict().items()}
-        sd.update({f"losses.{k}": v for k, v in losses.state_dict().items()})
-        optims = {"main": opt.state_dict(), **{f"aux{i}": o.state_dict() for i, o in aux_opts.items()}}
-        save_checkpoint(run_dir, step, sd, optims, {"scheduler": sched.state_dict(), "run_id": run_id, "skipped": skipped},
-                        keep=cfg.keep_checkpoints, generators=generators)
-
-    usage_history: list[tuple[int, list[float]]] = []  # codebook usage per evaluation (figures)
-
-    def run_eval(step: int) -> dict[str, float]:
-        metrics: dict[str, float] = {}
-        if is_main:
-            metrics = evaluate(model, built.evaluators, ev_loader, autocast)
-            tracker.log_metrics(metrics, step)
-            files = [f for ev in built.evaluators for f in getattr(ev, "save_artifacts", lambda *a: [])(run_dir, step)]
-            if run_id:
-                tracker.flush()
-                log_eval_figures(tracker, model, ev_loader, run_dir, step, usage_history)
-                for path, where in files:
-                    tracker.log_artifact(path, where)
-            if on_eval is not None:
-                on_eval(step, metrics)
-        dist.barrier()
-        return metrics
-
-    model.train()
-    acc: dict[str, list[torch.Tensor]] = {}
-    qsteps: list[torch.Tensor] = []  # per-step flat quantizer statistics of the logging window
-    bar = _progress(cfg, start, is_main)
-    t_log, n_log = time.perf_counter(), 0
-    metrics: dict[str, float] = {}
+        return RunResult(resume.run_dir, resume.finished["metrics"], "FINISHED", resume.finished.get("run_id"))
+    run = _Run(exp, built, device, resume, on_eval)
+    run.open(tracker, tags, parent_run_id, run_name)
+    run.model.train()
+    window, bar = _Window(), _progress(cfg, run.start, run.is_main)
     loop_start = time.perf_counter()
     try:
         with StopFlag() as flag:
-            for step in range(start, cfg.steps):
-                batch = to_device(next(data), device)
-                with autocast():
-                    total, outputs, logs = step_module(batch, step)
-                if not torch.isfinite(total).item():  # the one host sync per step (skip/stop needs it now)
-                    if cfg.on_nonfinite == "stop":
-                        raise NonFiniteLoss(f"non-finite loss at step {step}")
-                    skipped += 1
-                    opt.zero_grad(set_to_none=True)
-                    sched.step()
-                    tracker.log_metrics({"train/skipped_steps": skipped}, step)
+            for step in range(run.start, cfg.steps):
+                batch = to_device(next(run.data), device)
+                outputs, logs = run.generator_step(batch, step, window.acc)
+                if outputs is None:  # a skipped non-finite step
                     continue
-                opt.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(total).backward()
-                    scaler.unscale_(opt)
-                else:
-                    total.backward()
-                if cfg.grad_clip:
-                    acc.setdefault("train/grad_norm", []).append(
-                        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip))
-                if scaler is not None:
-                    scaler.step(opt)
-                    scaler.update()
-                else:
-                    opt.step()
-                model.after_optimizer_step()
-                sched.step()
-                for i, aopt in aux_opts.items():  # alternate: the adversary's step on detached outputs
-                    detached = {k: v.detach() if torch.is_tensor(v) else v for k, v in outputs.items()}
-                    with autocast():
-                        aout = losses[i].aux_loss(batch, detached, step)
-                    if aout is not None:
-                        atotal = aux_total(aout, built.labels[i])
-                        aopt.zero_grad(set_to_none=True)
-                        atotal.backward()
-                        dist.all_reduce_grads_([p for g in aopt.param_groups for p in g["params"]])
-                        losses[i].before_aux_step(aopt, step)
-                        aopt.step()
-                        for k, v in {**aout.terms, **aout.metrics, "total": atotal}.items():
-                            acc.setdefault(f"aux/{built.labels[i]}/{k}", []).append(v.detach().float())
-                for k, v in logs.items():
-                    acc.setdefault(k, []).append(v)
-                qflat, qlayout = quant_stats.flatten(outputs["quant"].stats)  # local usage statistics
-                qsteps.append(qflat)
-                n_log += batch["image"].shape[0] * dist.world_size()
+                run.adversary_step(batch, outputs, step, window.acc)
+                window.add(logs, outputs, batch["image"].shape[0])
                 done_steps = step + 1
                 if done_steps % cfg.log_every == 0 or done_steps == cfg.steps:
-                    now = time.perf_counter()
-                    row = dict(zip(acc, torch.stack([torch.stack(v).mean() for v in acc.values()]).tolist()))
-                    # quant/usage etc.: the window's per-step statistics, summed over ranks in ONE collective
-                    row.update({f"quant/{k}": v for k, v in quant_stats.window_metrics(qsteps, qlayout).items()})
-                    qsteps = []
-                    row["train/lr"] = sched.get_last_lr()[0]
-                    row["train/images_per_s"] = n_log / max(now - t_log, 1e-9)
-                    tracker.log_metrics(row, done_steps)
-                    acc, t_log, n_log = {}, now, 0
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{row['loss/total']:.4f}", img_s=f"{row['train/images_per_s']:.0f}")
+                    window.flush(run, done_steps, bar)
                 if bar is not None:
                     bar.update(1)
                 if cfg.eval_every and done_steps % cfg.eval_every == 0 and done_steps < cfg.steps:
-                    metrics = run_eval(done_steps)
+                    run.evaluate(done_steps)
                 if cfg.ckpt_every and done_steps % cfg.ckpt_every == 0 and done_steps < cfg.steps:
-                    checkpoint(done_steps)
+                    run.checkpoint(done_steps)
                 # a stop request is agreed on by all ranks; with several ranks that costs a
                 # collective, so they compare notes only at logging steps
                 if (not dist.is_distributed() or done_steps % cfg.log_every == 0) and dist.any_rank(flag.stop, device):
-                    checkpoint(done_steps)
+                    run.checkpoint(done_steps)
                     raise KeyboardInterrupt
-        tracker.flush()
-        loop_seconds = time.perf_counter() - loop_start
-        checkpoint(cfg.steps)
-        metrics = run_eval(cfg.steps)
-        if skipped:
-            metrics["skipped_steps"] = float(skipped)
-        if is_main:
-            done.write_text(json.dumps({"metrics": metrics, "run_id": run_id}, indent=1))
-        tracker.end("FINISHED")
-        return RunResult(run_dir, metrics, "FINISHED", run_id, model, loop_seconds)
+        return run.finish(loop_start)
     except KeyboardInterrupt:
-        tracker.end("KILLED")
+        run.tracker.end("KILLED")
         raise
     except BaseException:
-        tracker.end("FAILED")
+        run.tracker.end("FAILED")
         raise
     finally:
         if bar is not None:
             bar.close()
-
-
-def _step_of(ckpt: Path | None) -> int | None:
-    """The step of a ``step_00000100`` checkpoint directory (None for no checkpoint)."""
-    if ckpt is None:
-        return None
-    try:
-        return int(ckpt.name.rsplit("_", 1)[-1])
-    except ValueError:
-        return None
 
 
 def _progress(cfg: Any, start: int, is_main: bool) -> Any:

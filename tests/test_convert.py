@@ -204,7 +204,7 @@ def _write_config(tmp: Path) -> Path:
 
 
 def test_cli_writes_a_run_tokenize_and_teachers_accept(tmp_path, capsys):
-    from core.checkpoint import load_for_inference
+    from core.rundir import load_for_inference
     from core.tokenize import main as tokenize_main
 
     official = official_state(distinct=False)
@@ -329,3 +329,35 @@ def test_layout_without_counterpart_refused(tmp_path, capsys):
     code = main([str(_write_checkpoint(tmp_path, official_state(distinct=False))), "--config", str(cfg), "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "model.decoder" in err and "hybrid" in err
+
+
+def test_training_starts_from_a_converted_run(tmp_path, capsys, monkeypatch):
+    """``train.resume=<converted run>``: a new run from the official weights (weights only: fresh
+    optimizers, step 0), in its own run directory; a later resume continues that new run."""
+    from core.checkpoint import list_checkpoints, load_checkpoint
+    from core.rundir import run_dir_for
+    from core.trainer import train
+
+    monkeypatch.chdir(tmp_path)
+    official = official_state(distinct=False)
+    out = tmp_path / "converted"
+    assert main([str(_write_checkpoint(tmp_path, official)), "--config", str(_write_config(tmp_path)), "--out", str(out),
+                 "losses=[]"]) == 0
+    converted = load_checkpoint(list_checkpoints(out)[-1])["model"]
+    cfg = {**EXPERIMENT, "losses": [{"type": "pixel"}], "eval": [], "tracking": {"enabled": False},
+           "data": {**EXPERIMENT["data"], "train_size": 8},
+           "train": {"steps": 1, "batch_size": 4, "optimizer": {"lr": 1e-12}, "eval_size": 4, "progress": False,
+                     "resume": str(out)}}
+    exp = validate(cfg)
+    result = train(exp)
+    assert result.run_dir == run_dir_for(exp) and "from the weights in" in capsys.readouterr().err
+    trained = load_checkpoint(list_checkpoints(result.run_dir)[-1])
+    assert trained["step"] == 1 and set(trained["optimizers"]) == {"main"}
+    # a learning rate of 1e-12 moves no weight visibly: the run started from the converted ones
+    for k, v in converted.items():
+        torch.testing.assert_close(trained["model"][k], v, rtol=0, atol=1e-9)
+    scratch = Tokenizer(exp.model, exp.data.image_size).state_dict()
+    assert any(not torch.allclose(scratch[k[len("model."):]], v) for k, v in converted.items())
+    longer = validate({**cfg, "train": {**cfg["train"], "steps": 2, "resume": "auto"}})
+    assert train(longer).run_dir == result.run_dir and "resuming" in capsys.readouterr().err
+    assert load_checkpoint(list_checkpoints(result.run_dir)[-1])["step"] == 2

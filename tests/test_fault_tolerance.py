@@ -17,8 +17,9 @@ from conftest import ROOT, tiny_experiment
 from core import trainer
 from core.checkpoint import find_latest, list_checkpoints
 from core.config import validate
+from core.rundir import run_dir_for
 from core.tracking import resolve_uri
-from core.trainer import run_dir_for, train
+from core.trainer import train
 from test_trainer import StopAfter, final_weights
 
 

@@ -2,9 +2,7 @@
 and the UniWeTok Table 2 setting (post-only, with and without SigLu) for a few steps."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
-import types
 
 import pytest
 import timm
@@ -101,9 +99,9 @@ def test_vtok_teacher_uses_the_continuous_clip_path(tmp_path, monkeypatch):
     })
     torch.manual_seed(1)
     teacher = Tokenizer(exp.model, 16).eval()
-    fake = types.ModuleType("core.checkpoint")
-    fake.load_for_inference = lambda path: (exp, teacher)
-    monkeypatch.setitem(sys.modules, "core.checkpoint", fake)
+    import plugins.losses.distill as distill
+
+    monkeypatch.setattr(distill, "load_for_inference", lambda path: (exp, teacher))
     loss = DistillLoss(DistillLoss.Config(teacher={"kind": "vtok", "weights": str(tmp_path)}), model=tiny_model())
     x = images(2)
     with torch.no_grad():
@@ -172,15 +170,11 @@ def test_open_clip_teacher_reads_local_file(tmp_path):
     assert loss.head_pre is not None and torch.allclose(loss.teacher_embed(x), ref, atol=1e-5)
 
 
-def test_vtok_teacher_path_may_be_a_run_name_prefix(tmp_path):
-    from core.checkpoint import find_run_dir, save_checkpoint
 
-    assert find_run_dir(tmp_path / "runs" / "clip_teacher") is None
-    old, new = tmp_path / "runs" / "clip_teacher-aaaa", tmp_path / "runs" / "clip_teacher-bbbb"
-    save_checkpoint(old, 1, {"w": torch.zeros(1)}, {}, {})
-    (tmp_path / "runs" / "clip_teacher-empty").mkdir()  # no checkpoint: never chosen
-    import time
-    time.sleep(0.01)
-    save_checkpoint(new, 1, {"w": torch.zeros(1)}, {}, {})
-    assert find_run_dir(tmp_path / "runs" / "clip_teacher") == new
-    assert find_run_dir(old) == old
+def test_ambiguous_teacher_prefix_is_a_config_error_at_the_teacher(tmp_path):
+    from core.checkpoint import save_checkpoint
+
+    for name in ("clip_teacher-aaaa00000000", "clip_teacher_big-bbbb00000000"):
+        save_checkpoint(tmp_path / "runs" / name, 1, {"w": torch.zeros(1)}, {}, {})
+    with pytest.raises(ConfigError, match=r"^losses\.0\.teacher.*ambiguous run-name prefix: it matches 2 runs"):
+        tiny_exp(losses=[{"type": "distill", "teacher": {"kind": "vtok", "weights": str(tmp_path / "runs" / "clip")}}])

@@ -134,9 +134,9 @@ def saved_model(tmp_path, monkeypatch):
     loaded = tiny_model(*BACKBONES[1], projectors=True, seed=123)  # other init: the weights come from the file
     assert not torch.equal(loaded.decoder.last_layer, model.decoder.last_layer)
     loaded.load_state_dict(load_file(str(tmp_path / "model.safetensors")))
-    import core.checkpoint
+    import core.rundir
 
-    monkeypatch.setattr(core.checkpoint, "load_for_inference", lambda run, device="cpu": (exp, loaded.eval()), raising=False)
+    monkeypatch.setattr(core.rundir, "load_for_inference", lambda run, device="cpu": (exp, loaded.eval()))
     return exp, loaded
 
 
@@ -201,7 +201,7 @@ def test_tokenize_from_a_trained_run(in_tmp):
     run_dir = next((in_tmp / "runs").iterdir())
     assert tokenize.main(["--run", str(run_dir), "--out", "tok.safetensors", "--limit", "4"]) == 0
     assert tokenize.main(["--run", str(run_dir), "--decode", "tok.safetensors", "--out", "img.safetensors"]) == 0
-    from core.checkpoint import load_for_inference
+    from core.rundir import load_for_inference
 
     _, model = load_for_inference(str(run_dir))
     idx = load_file("tok.safetensors")["indices"]

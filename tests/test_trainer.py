@@ -11,6 +11,7 @@ from conftest import tiny_experiment
 from core import trainer
 from core.checkpoint import list_checkpoints
 from core.config import validate
+from core.rundir import run_dir_for
 from core.tracking import resolve_uri
 from core.trainer import lr_factor, train
 
@@ -47,7 +48,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(in_tmp, monkeypatch):
     exp_b = validate({**cfg, "train": {**cfg["train"], "out_dir": "b"}})
     with pytest.raises(KeyboardInterrupt):
         train(exp_b)
-    assert [p.name for p in list_checkpoints(trainer.run_dir_for(exp_b))] == ["step_00000003"]
+    assert [p.name for p in list_checkpoints(run_dir_for(exp_b))] == ["step_00000003"]
     monkeypatch.undo()
     monkeypatch.chdir(in_tmp)
     resumed = train(exp_b)
@@ -117,7 +118,7 @@ def test_nonfinite_stop_and_skip(in_tmp, monkeypatch):
     monkeypatch.setattr(PixelLoss, "forward", _nan_at(3))
     with pytest.raises(trainer.NonFiniteLoss, match="step 3"):
         train(validate(tiny_experiment(**{"train.on_nonfinite": "stop", "train.ckpt_every": 2})))
-    ckpts = list_checkpoints(trainer.run_dir_for(validate(tiny_experiment(**{"train.on_nonfinite": "stop", "train.ckpt_every": 2}))))
+    ckpts = list_checkpoints(run_dir_for(validate(tiny_experiment(**{"train.on_nonfinite": "stop", "train.ckpt_every": 2}))))
     assert [p.name for p in ckpts] == ["step_00000002"]
     result = train(validate(tiny_experiment(**{"train.on_nonfinite": "skip"})))
     assert result.metrics["skipped_steps"] == 1 and math.isfinite(result.metrics["psnr"])

@@ -55,7 +55,8 @@ def run_cell(exp: Any, choices: dict[str, Any], seed: int, trial: Any, rec: Tria
              on_eval: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, float]:
     """Build and train one cell at one seed; raises on failure (after its MLflow run is marked FAILED)."""
     from core.tracking import Tracker
-    from core.trainer import build, run_dir_for, train
+    from core.rundir import run_dir_for
+    from core.trainer import build, train
 
     label = cell_label(choices)
     tags = {"vtok.sweep": "child", "vtok.cell": label, "vtok.seed": str(seed), "vtok.trial": str(trial.number),

@@ -23,10 +23,10 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from core.checkpoint import find_run_dir
 from core.errors import ConfigError
 from core.hookspecs import hookimpl
 from core.interfaces import Loss, LossConfig, LossResult, VocabModel
+from core.rundir import find_run_dir, load_for_inference
 from plugins.local_weights import load_timm_local, require_file
 
 
@@ -42,7 +42,11 @@ class TeacherConfig(VocabModel):
         if self.kind != "vtok" and not self.name:
             raise ValueError(f"teacher kind '{self.kind}' needs a model name (teacher.name)")
         if self.kind == "vtok":
-            if find_run_dir(self.weights) is None:
+            try:
+                found = find_run_dir(self.weights)
+            except ConfigError as e:  # an ambiguous run-name prefix
+                raise ValueError(e.message) from None
+            if found is None:
                 from core.needs import missing
 
                 missing("distillation teacher run",  # --dry-run lists it; a real run stops here
@@ -101,8 +105,6 @@ def _vtok_embed(model: nn.Module, x: Tensor) -> Tensor:
 def build_teacher(cfg: TeacherConfig) -> Teacher:
     size = cfg.image_size
     if cfg.kind == "vtok":
-        from core.checkpoint import load_for_inference  # the lead's checkpoint module
-
         _, model = load_for_inference(cfg.weights)
         return Teacher(_vtok_embed, model, size or model.image_size)
     if cfg.kind == "open_clip":
