@@ -405,7 +405,8 @@ class Evaluator(Component):
     """Metrics of a trained tokenizer over the whole eval loader, in ONE shared pass.
 
     Constructed as ``Evaluator(cfg)``. ``loader.dataset`` is a :class:`Dataset`. The model is in
-    eval mode under ``torch.no_grad`` when called.
+    eval mode under ``torch.no_grad`` when called; use only its members declared by
+    :class:`TokenizerModel` (:class:`TextTokenizerModel` when ``needs`` has ``"text"``).
 
     Declared metrics: :meth:`declared_metrics` ``(cfg) -> {name: "higher" | "lower" | None}`` is a
     pure function of the config naming every metric the evaluator may report and which way is
