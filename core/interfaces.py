@@ -548,8 +548,8 @@ class TokenizerModel(Protocol):
     def forward(self, images: Tensor, texts: Optional[list[str]] = None) -> dict[str, Any]:
         """images ``(B, 3, H, W)`` -> the ``outputs`` dict (table in this module's docstring). With a text
         tower and ``texts`` (B strings) it also holds ``text_embed`` ``(B, E)`` (l2-normalised) and
-        ``logit_scale`` (the learnable CLIP logit scale, within its bound), so losses read only
-        ``outputs``."""
+        ``logit_scale`` (a scalar: the learnable LOG logit scale, clamped in value; the CLIP logits
+        are ``logit_scale.exp() * cos``), so losses read only ``outputs``."""
         ...
 
     def encode(self, images: Tensor) -> Tensor:

@@ -146,7 +146,7 @@ class HandModel(nn.Module):
     def forward(self, images, texts=None):
         out = {"recon": images + self.noise * torch.randn(images.shape, generator=self.gen)}
         if texts is not None:
-            out["text_embed"] = self.encode_text(texts)
+            out["text_embed"], out["logit_scale"] = self.encode_text(texts), torch.tensor(math.log(100.0))
         return out
 
 
