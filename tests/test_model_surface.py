@@ -4,7 +4,8 @@
   tower; the checker itself catches a missing member, a renamed or extra required parameter, a wrong
   type.
 - Every registered loss (constructed with ``model=`` and stepped through ``TrainStep``), the vtok
-  distillation teacher's embedding and the token paths of ``core.tokenize`` run on a real small
+  distillation teacher's embedding, the token paths of ``core.tokenize`` and core.generate's prior
+  file path run on a real small
   Tokenizer wrapped in :class:`surface_helpers.Strict`, which raises ``AttributeError`` for any
   member the surface does not declare, and give the same numbers as on the bare model (a plugin
   that silently falls back when a member is hidden differs). Every registered evaluator gets the
@@ -160,3 +161,21 @@ def test_token_paths_use_only_the_declared_surface():
     meta = token_metadata(strict, "run")
     assert meta == token_metadata(model, "run")
     check_tokens_fit(strict, idx, meta, "tokens.safetensors")
+
+
+def test_generation_prior_file_path_uses_only_the_declared_surface(tmp_path):
+    """What core.generate does with a loaded tokenizer: train a prior on its tokens, save it, load it
+    back (checked against the model's grid and head layout), sample and decode."""
+    from plugins.evaluators.generation import Generation, GenerationConfig
+
+    model = tokenizer(False)
+    strict = Strict.model(model)
+    gen = Generation(GenerationConfig(width=16, depth=1, heads=2, steps=2, batch_size=4, sample_batch_size=4))
+    indices = model.encode(images(6))
+    labels = torch.tensor([0, 1, 0, 1, 0, 1])
+    torch.manual_seed(0)
+    bundle = gen.train_on(strict, indices, labels, ["a", "b"])
+    loaded, _ = gen.load_prior(gen.save_prior(bundle, tmp_path / "prior.safetensors"), strict, gen.cfg.group_bits)
+    got, got_idx = gen.sample_images(loaded, strict, labels[:4], 2.0, seed=3)
+    ref, ref_idx = gen.sample_images(bundle, model, labels[:4], 2.0, seed=3)
+    assert torch.equal(got_idx, ref_idx) and torch.equal(got, ref)
