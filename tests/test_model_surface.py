@@ -5,11 +5,10 @@
   type.
 - Every registered loss (constructed with ``model=`` and stepped through ``TrainStep``), the vtok
   distillation teacher's embedding, the token paths of ``core.tokenize`` and core.generate's prior
-  file path run on a real small
-  Tokenizer wrapped in :class:`surface_helpers.Strict`, which raises ``AttributeError`` for any
-  member the surface does not declare, and give the same numbers as on the bare model (a plugin
-  that silently falls back when a member is hidden differs). Every registered evaluator gets the
-  same check in tests/test_evaluators_contract.py.
+  file path run on a real small Tokenizer wrapped in :class:`surface_helpers.Strict`, which raises
+  ``AttributeError`` for any member the surface does not declare, and give the same numbers as on
+  the bare model (a plugin that silently falls back when a member is hidden differs). Every
+  registered evaluator gets the same check in tests/test_evaluators_contract.py.
 """
 from __future__ import annotations
 
