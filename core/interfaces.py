@@ -518,9 +518,11 @@ class TokenizerModel(Protocol):
 
     Members that are contracts of their own (``quantizer``, ``encoder``) are used through those
     contracts only (:class:`Quantizer`, :class:`Encoder`). A model with a text tower is also a
-    :class:`TextTokenizerModel`. ``tests/test_model_surface.py`` checks that the Tokenizer and the
-    evaluator tests' hand-made model satisfy both, and runs every registered evaluator and loss on a
-    model wrapped so that any other member raises ``AttributeError``.
+    :class:`TextTokenizerModel`. Checked: the Tokenizer (``tests/test_model_surface.py``) and the
+    evaluator tests' hand-made model (``tests/test_evaluators.py``) satisfy both, members and
+    signatures; every registered loss (``tests/test_model_surface.py``) and evaluator
+    (``tests/test_evaluators_contract.py``) runs on a model wrapped so that any other member raises
+    ``AttributeError``.
     """
 
     spec: Any
