@@ -75,7 +75,7 @@ file, wherever the network sits.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Iterator, Optional, Protocol, runtime_checkable
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator, field_validator
@@ -442,7 +442,8 @@ class Evaluator(Component):
     """Metrics of a trained tokenizer over the whole eval loader, in ONE shared pass.
 
     Constructed as ``Evaluator(cfg)``. ``loader.dataset`` is a :class:`Dataset`. The model is in
-    eval mode under ``torch.no_grad`` when called.
+    eval mode under ``torch.no_grad`` when called; use only its members declared by
+    :class:`TokenizerModel` (:class:`TextTokenizerModel` when ``needs`` has ``"text"``).
 
     Declared metrics: :meth:`declared_metrics` ``(cfg) -> {name: "higher" | "lower" | None}`` is a
     pure function of the config naming every metric the evaluator may report and which way is
@@ -527,3 +528,118 @@ class Dataset(Component, torch.utils.data.Dataset):
     cfg: DatasetConfig
     split: str
     seed: int
+
+
+# --------------------------------------------------------------------------------------------
+# The model surface: what plugins may call on the assembled tokenizer
+# --------------------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class TokenizerModel(Protocol):
+    """The members of the assembled tokenizer (:class:`core.model.Tokenizer`) that plugins -- losses
+    (constructed with ``model=``), evaluators (the generation evaluator included), distillation
+    teachers -- and the inference paths (:mod:`core.evaluation`, ``core.tokenize``, ``core.generate``)
+    may use. Everything else on the model belongs to core and may change.
+
+    Shapes: images ``(B, 3, H, W)`` in [-1, 1] with ``H = W = image_size``; ``grid = (h, w)`` and
+    ``N = h * w`` tokens; ``K = quantizer.codes_per_token``; ``D`` the quantizer's input width
+    (``spec.quantizer.latent_dim``); ``C_enc`` the encoder's width; ``C_post`` the post-projector's
+    output width (the decoder's input); ``E`` the CLIP embedding width.
+
+    The model is an ``nn.Module``. Of its ``nn.Module`` members plugins use only: calling it (runs
+    :meth:`forward`), :meth:`parameters` (to find the device), :meth:`eval` and
+    :meth:`requires_grad_` (to freeze a loaded model, e.g. a distillation teacher, which may also be
+    held as a submodule of a frozen wrapper moved with ``.to``). Training mode, state dicts,
+    optimizer steps and the logit-scale clamp are the trainer's.
+
+    Members that are contracts of their own (``quantizer``, ``encoder``) are used through those
+    contracts only (:class:`Quantizer`, :class:`Encoder`). A model with a text tower is also a
+    :class:`TextTokenizerModel`. Checked: the Tokenizer (``tests/test_model_surface.py``) and the
+    evaluator tests' hand-made model (``tests/test_evaluators.py``) satisfy both, members and
+    signatures; every registered loss (``tests/test_model_surface.py``) and evaluator
+    (``tests/test_evaluators_contract.py``) runs on a model wrapped so that any other member raises
+    ``AttributeError``.
+    """
+
+    spec: Any
+    """The validated ``model`` section of the experiment (``core.config``); plugins read
+    ``spec.quantizer`` (its ``latent_dim`` D, its settings)."""
+
+    image_size: int
+    """H = W of the images the model takes."""
+
+    grid: tuple[int, int]
+    """``(h, w)``: the token grid of one image (N = h * w)."""
+
+    encoder: Encoder
+    """images ``(B, 3, H, W)`` -> ``(latent (B, N, C_enc), grid)``: the continuous tokens before the
+    pre-projector (the CONTINUOUS path of a distillation teacher)."""
+
+    quantizer: Quantizer
+    """The quantizer: ``codes_per_token`` K, ``codebook_sizes``, ``continuous``, ``index_radices()``,
+    ``indices_to_codes`` ``(B, N, K) -> (B, N, D)``, ``loss_weights()``."""
+
+    text: Optional[nn.Module]
+    """The text tower, ``None`` without ``model.text``. Plugins only test it against ``None``; text is
+    embedded with :meth:`TextTokenizerModel.encode_text` or by :meth:`forward`."""
+
+    def forward(self, images: Tensor, texts: Optional[list[str]] = None) -> dict[str, Any]:
+        """images ``(B, 3, H, W)`` -> the ``outputs`` dict (table in this module's docstring). With a text
+        tower and ``texts`` (B strings) it also holds ``text_embed`` ``(B, E)`` (l2-normalised) and
+        ``logit_scale`` (a scalar: the learnable LOG logit scale, clamped in value; the CLIP logits
+        are ``logit_scale.exp() * cos``), so losses read only ``outputs``."""
+        ...
+
+    def encode(self, images: Tensor) -> Tensor:
+        """images ``(B, 3, H, W)`` -> int64 indices ``(B, N, K)`` (no losses, statistics or state change)."""
+        ...
+
+    def decode(self, indices: Tensor) -> Tensor:
+        """int64 indices ``(B, N, K)`` -> images ``(B, 3, H, W)`` (not clamped)."""
+        ...
+
+    def discrete_latent(self, images: Tensor) -> Tensor:
+        """images -> the quantized latent ``(B, N, D)`` on the DISCRETE path (indices -> codes), what a
+        downstream model sees; for a continuous quantizer the latent itself."""
+        ...
+
+    def project_in(self, latent: Tensor) -> Tensor:
+        """Encoder tokens ``(B, N, C_enc)`` -> quantizer input ``(B, N, D)`` (fp32; the pre-projector)."""
+        ...
+
+    def project_out(self, zq: Tensor) -> Tensor:
+        """Quantized latent ``zq`` ``(B, N, D)`` -> decoder input ``(B, N, C_post)`` (the post-projector)."""
+        ...
+
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
+        """``nn.Module.parameters``: plugins read the first one's device."""
+        ...
+
+    def eval(self) -> "TokenizerModel":
+        """``nn.Module.eval``: inference mode, returns the model."""
+        ...
+
+    def requires_grad_(self, requires_grad: bool = True) -> "TokenizerModel":
+        """``nn.Module.requires_grad_``: freeze a loaded model, returns it."""
+        ...
+
+
+@runtime_checkable
+class TextTokenizerModel(TokenizerModel, Protocol):
+    """What a model with a text tower (``model.text``) adds to :class:`TokenizerModel`: the members that
+    plugins which declare ``needs = {"text"}`` may call (validation guarantees the tower)."""
+
+    def encode_text(self, texts: list[str]) -> Tensor:
+        """T strings -> l2-normalised fp32 text embeddings ``(T, E)``."""
+        ...
+
+    def clip_head(self, tokens: Tensor) -> Tensor:
+        """Post-projector tokens ``(B, N, C_post)`` -> l2-normalised CLIP image embedding ``(B, E)``
+        (mean over tokens -> LayerNorm -> Linear)."""
+        ...
+
+    def image_embed_from_indices(self, indices: Tensor) -> Tensor:
+        """int64 indices ``(B, N, K)`` -> the CLIP image embedding ``(B, E)`` on the DISCRETE path
+        (indices -> codes -> post-projector -> :meth:`clip_head`), what zero-shot evaluation uses."""
+        ...

@@ -5,6 +5,19 @@ CLIP image head on the post-projection tokens (mean -> LayerNorm -> Linear -> l2
 open_clip ``TextTransformer`` trained from scratch, with a learnable logit scale kept in
 [0, ln 100] (clamped after every optimizer step). Zero-shot evaluation reads the head on the
 DISCRETE path (indices -> codes -> post).
+
+What plugins may use of the assembled :class:`Tokenizer` is declared once in core.interfaces
+(:class:`~core.interfaces.TokenizerModel`, plus :class:`~core.interfaces.TextTokenizerModel` with a
+text tower); every other member is core's and may change.
+
+Why the text tower and the CLIP head live here and not in a loss plugin: one text encoder, trained
+with the tokenizer, serves the contrastive loss (which trains it), zero-shot evaluation and a vtok
+distillation teacher (its CLIP head); evaluators and ``load_for_inference`` see the model and its
+checkpoint, never the losses, so a tower owned by a loss would be missing where they need it. The
+public UniTok code is laid out the same way (FoundationVision/UniTok, ``models/unitok.py``: the
+``UniTok`` module holds the text transformer, the image head and the logit scale beside encoder,
+quantizer and decoder, in one state dict), which is what lets ``core.convert`` map the released
+weights tensor for tensor.
 """
 from __future__ import annotations
 

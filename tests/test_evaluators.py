@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 from unittest import mock
 
 import numpy as np
@@ -10,13 +11,14 @@ import torch
 from torch import nn
 
 from core.errors import ConfigError
-from core.interfaces import Dataset, DatasetConfig
+from core.interfaces import Dataset, DatasetConfig, Encoder, Quantizer, QuantizerOutput, TextTokenizerModel, TokenizerModel
 from plugins.evaluators import fd as fd_mod
 from plugins.evaluators.fd import Fd, FdConfig, frechet_distance
 from plugins.evaluators.linear_probe import LinearProbe, LinearProbeConfig, probe_accuracy
 from plugins.evaluators.psnr_ssim import PsnrSsim, PsnrSsimConfig, psnr, ssim
 from plugins.evaluators.usage import Usage, UsageConfig, code_counts, usage_stats
 from plugins.evaluators.zero_shot import ZeroShot, ZeroShotConfig
+from surface_helpers import Strict, surface_problems
 
 
 class ToyConfig(DatasetConfig):
@@ -49,39 +51,42 @@ class Toy(Dataset):
         return {"image": self.images[i], "text": "", "label": y, "label_parity": y % 2}
 
 
-class HandModel(nn.Module):
-    """encode reads the label from pixel (0,0,0); embeddings are rows of an orthonormal matrix.
+class HandEncoder(Encoder):
+    """One token per image: the row of ``basis`` of the label read from pixel (0, 0, 0)."""
 
-    ``shuffled``: image embeddings ignore the label (random per image), so accuracy is chance.
-    ``noise``: reconstructions are the input plus Gaussian noise of this std (for FD).
-    """
-
-    def __init__(self, n_classes=10, dim=16, shuffled=False, noise=0.0):
+    def __init__(self, basis):
         super().__init__()
-        self.p = nn.Parameter(torch.zeros(1))
-        self.basis = torch.linalg.qr(torch.randn(dim, dim, generator=torch.Generator().manual_seed(0)))[0][:n_classes]
-        self.shuffled, self.noise = shuffled, noise
-        self.quantizer = mock.Mock(codebook_sizes=[n_classes], indices_to_codes=lambda idx: self.basis[idx[..., 0]])
-        self.gen = torch.Generator().manual_seed(1)
+        self.basis, self.out_dim, self.downsample = basis, basis.shape[1], 16
 
-    def encode(self, images):
-        return (images[:, 0, 0, 0] * 100).round().long()[:, None, None]  # (B, 1, 1)
+    def forward(self, images):
+        labels = (images[:, 0, 0, 0] * 100).round().long()
+        return self.basis[labels][:, None], (1, 1)
 
-    def project_out(self, codes):
-        return codes
 
-    def discrete_latent(self, images):
-        return self.quantizer.indices_to_codes(self.encode(images))
+class HandQuantizer(Quantizer):
+    """One codebook, the rows of ``basis`` (orthonormal): the code of largest inner product."""
 
-    def image_embed_discrete(self, images):
-        return self.image_embed_from_indices(self.encode(images))
+    def __init__(self, basis):
+        super().__init__()
+        self.basis = basis
+        self.codes_per_token, self.codebook_sizes, self.bits_per_token = 1, [len(basis)], math.log2(len(basis))
 
-    def image_embed_from_indices(self, idx):
-        if self.shuffled:
-            return nn.functional.normalize(torch.randn(idx.shape[0], self.basis.shape[1], generator=self.gen), dim=-1)
-        return self.basis[idx[:, 0, 0]]
+    def quantize(self, z):
+        indices = (z @ self.basis.T).argmax(-1, keepdim=True)
+        return QuantizerOutput(self.indices_to_codes(indices), indices)
 
-    def encode_text(self, prompts):
+    def indices_to_codes(self, indices):
+        return self.basis[indices[..., 0]]
+
+
+class HandText(nn.Module):
+    """Prompts naming ``class<c>`` -> basis row c; ``even`` / ``odd`` -> the mean of those classes' rows."""
+
+    def __init__(self, basis):
+        super().__init__()
+        self.basis = basis
+
+    def forward(self, prompts):
         out = []
         for p in prompts:
             if "even" in p or "odd" in p:
@@ -91,8 +96,72 @@ class HandModel(nn.Module):
                 out.append(self.basis[int(p.split("class")[1][0])])
         return nn.functional.normalize(torch.stack(out), dim=-1)
 
-    def forward(self, images):
-        return {"recon": images + self.noise * torch.randn(images.shape, generator=self.gen)}
+
+class HandModel(nn.Module):
+    """The declared model surface (core.interfaces.TextTokenizerModel) by hand: encode reads the label
+    from pixel (0,0,0); codes, image and text embeddings are rows of an orthonormal matrix.
+
+    ``shuffled``: image embeddings ignore the label (random per image), so accuracy is chance.
+    ``noise``: reconstructions are the input plus Gaussian noise of this std (for FD).
+    """
+
+    def __init__(self, n_classes=10, dim=16, shuffled=False, noise=0.0):
+        super().__init__()
+        self.p = nn.Parameter(torch.zeros(1))
+        basis = torch.linalg.qr(torch.randn(dim, dim, generator=torch.Generator().manual_seed(0)))[0][:n_classes]
+        self.encoder, self.quantizer, self.text = HandEncoder(basis), HandQuantizer(basis), HandText(basis)
+        self.spec = SimpleNamespace(quantizer=SimpleNamespace(latent_dim=dim))
+        self.image_size, self.grid = 16, (1, 1)
+        self.shuffled, self.noise = shuffled, noise
+        self.gen = torch.Generator().manual_seed(1)
+
+    def project_in(self, latent):
+        return latent
+
+    def project_out(self, zq):
+        return zq
+
+    def encode(self, images):
+        return self.quantizer.encode(self.project_in(self.encoder(images)[0]))  # (B, 1, 1): the label
+
+    def decode(self, indices):
+        images = torch.zeros(len(indices), 3, self.image_size, self.image_size)
+        images[:, 0, 0, 0] = indices[:, 0, 0] / 100  # what encode reads back
+        return images
+
+    def discrete_latent(self, images):
+        return self.quantizer.indices_to_codes(self.encode(images))
+
+    def clip_head(self, tokens):
+        return nn.functional.normalize(tokens.mean(dim=1), dim=-1)
+
+    def image_embed_from_indices(self, indices):
+        if self.shuffled:
+            return nn.functional.normalize(torch.randn(indices.shape[0], self.quantizer.basis.shape[1], generator=self.gen), dim=-1)
+        return self.clip_head(self.project_out(self.quantizer.indices_to_codes(indices)))
+
+    def encode_text(self, texts):
+        return self.text(texts)
+
+    def forward(self, images, texts=None):
+        out = {"recon": images + self.noise * torch.randn(images.shape, generator=self.gen)}
+        if texts is not None:
+            out["text_embed"], out["logit_scale"] = self.encode_text(texts), torch.tensor(math.log(100.0))
+        return out
+
+
+def test_hand_model_satisfies_the_declared_model_surface():
+    """The hand-made model has every member of the surface, with call-compatible signatures, and the
+    evaluators run on it when it exposes nothing else (surface_helpers.Strict)."""
+    model = HandModel()
+    assert isinstance(model, TokenizerModel) and isinstance(model, TextTokenizerModel)
+    assert surface_problems(model, TextTokenizerModel) == {}
+    x = Toy(ToyConfig()).images[:8]
+    assert torch.equal(model.encode(model.decode(model.encode(x))), model.encode(x))  # decode: the images encode reads back
+    strict = Strict.model(model)
+    assert ZeroShot(ZeroShotConfig(attributes=["parity"])).evaluate(strict, loader())["zero_shot_parity_top1"] == 100.0
+    assert LinearProbe(LinearProbeConfig()).evaluate(strict, loader(n=300))["linear_probe_top1"] == 100.0
+    assert Usage(UsageConfig()).evaluate(strict, loader())["usage"] == Usage(UsageConfig()).evaluate(model, loader())["usage"]
 
 
 def loader(n=200, n_classes=10, batch_size=64, seed=0):

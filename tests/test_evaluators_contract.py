@@ -1,6 +1,10 @@
 """Contract over EVERY registered evaluator: on a tiny real model (conv encoder / VQ / conv decoder
 with a text tower) and a 32-image shapes eval split, ``evaluate`` (through the trainer's
-``core.trainer.evaluate``) returns a non-empty ``{name: float}`` with every value finite.
+``core.trainer.evaluate``) returns a non-empty ``{name: float}`` with every value finite, and the
+evaluator uses only the declared model surface (core.interfaces.TextTokenizerModel): run on the
+model wrapped so that any other member raises ``AttributeError`` (tests/surface_helpers.py
+``Strict``), it gives the same numbers (a plugin that silently falls back when a member is hidden
+would differ).
 
 CONTRACT holds each evaluator's small test config; a newly registered evaluator without an entry
 fails ``test_contract_table_covers_the_registry``.
@@ -15,8 +19,10 @@ import pytest
 import torch
 
 from core.config import validate
+from core.evaluation import run_evaluators
 from core.plugins import get_registry
 from core.trainer import build, evaluate
+from surface_helpers import Strict
 
 REG = get_registry()
 REFNET = {"extractor": "reference", "reference": {"width": 8, "steps": 2, "batch_size": 16}}
@@ -71,9 +77,12 @@ def test_evaluator_returns_finite_floats_on_a_tiny_model(name, tmp_path, tiny_mo
     loader = torch.utils.data.DataLoader(eval_set, batch_size=16)
     assert len(eval_set) == 32
     cls = REG.get("evaluators", name)
-    ev = cls(cls.Config(type=name, **CONTRACT[name](tmp_path)))
+    cfg = cls.Config(type=name, **CONTRACT[name](tmp_path))
     torch.manual_seed(0)
-    metrics = evaluate(model, [ev], loader, contextlib.nullcontext)
+    metrics = evaluate(model, [cls(cfg)], loader, contextlib.nullcontext)
+    torch.manual_seed(0)
+    strict = run_evaluators(Strict.model(model), [cls(cfg)], loader)
+    assert strict == pytest.approx(metrics, rel=1e-6, abs=1e-9), "differs when only the declared model surface is visible"
     assert metrics, f"{name} returned no metric"
     for k, v in metrics.items():
         assert isinstance(k, str) and isinstance(v, (float, int)) and not isinstance(v, bool), (k, type(v))

@@ -2,8 +2,8 @@
 
 As CLIP / open_clip's zero-shot classifier: each class's weight is the l2-normalised mean of the
 normalised text embeddings of ``template.format(class name)`` over the templates; an image's
-embedding is ``model.image_embed_discrete(x)`` (indices -> codes -> post-projector -> CLIP head,
-UniTok Sec. 3; the latent itself for a continuous baseline); logits ``100 * cos``; top-1 / top-5 accuracy in %.
+embedding is the shared pass's ``image_embed``, ``model.image_embed_from_indices(indices)`` (indices
+-> codes -> post-projector -> CLIP head, UniTok Sec. 3; the latent itself for a continuous baseline); logits ``100 * cos``; top-1 / top-5 accuracy in %.
 Written here rather than calling ``open_clip.build_zero_shot_classifier`` because vtok's text tower
 takes strings (its tokenizer is inside), while open_clip's helper tokenises for the model.
 
