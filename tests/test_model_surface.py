@@ -30,9 +30,6 @@ from test_losses_contract import batch_of, tiny
 
 REG = get_registry()
 TEXT = {"width": 32, "depth": 1, "heads": 2, "context_length": 16}
-#: Tokenizer.forward(images, texts=None) (text embeddings in the outputs) lands with the losses'
-#: part of issue 12 section 4; until then forward is the one known gap and contrastive reads the model
-FORWARD_TAKES_TEXTS = "texts" in inspect.signature(Tokenizer.forward).parameters
 
 
 def terms_of(result) -> dict[str, torch.Tensor]:
@@ -55,8 +52,7 @@ def test_tokenizer_satisfies_the_declared_surface(text):
     model = tokenizer(text)
     assert isinstance(model, TokenizerModel)
     assert isinstance(model, TextTokenizerModel) is text  # clip_head exists only with a text tower
-    gaps = {} if FORWARD_TAKES_TEXTS else {"forward": "cannot take 'texts' as argument 2"}
-    assert surface_problems(model) == gaps
+    assert surface_problems(model) == {}
 
 
 DROP = object()
@@ -117,8 +113,6 @@ def test_strict_wrapper_refuses_undeclared_members():
 def test_loss_uses_only_the_declared_surface(name, tmp_path):
     if name not in LOSS_CONTRACT:
         pytest.fail(f"loss {name!r} has no CONTRACT entry (tests/test_losses_contract.py)")
-    if name == "contrastive" and not FORWARD_TAKES_TEXTS:
-        pytest.skip("contrastive reads model.encode_text / clamped_logit_scale until forward puts text embeddings in outputs")
     make, _ = LOSS_CONTRACT[name]
     built = build(tiny(*make(tmp_path)))
     batch = batch_of(built.train_set)
