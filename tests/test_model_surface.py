@@ -12,7 +12,6 @@
 """
 from __future__ import annotations
 
-import inspect
 from types import SimpleNamespace
 
 import pytest
