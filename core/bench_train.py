@@ -44,7 +44,7 @@ def minimal_loop(exp: Any, profile: bool = False) -> tuple[float, dict[str, floa
     device = pick_device(cfg.device)
     model, losses = built.model.to(device), built.losses.to(device)
     o = cfg.optimizer
-    opt = torch.optim.AdamW(param_groups([model, losses], set(), o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps)
+    opt = o.build(param_groups([model, losses], set(), o.weight_decay))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     data = train_loader(built.train_set, cfg, exp.seed, 0)
     params = [p for g in opt.param_groups for p in g["params"]]

@@ -330,7 +330,7 @@ class _Run:
         aux = [(i, list(loss.aux_parameters())) for i, loss in enumerate(losses)]
         aux_ids = {id(p) for _, ps in aux for p in ps}
         o = cfg.optimizer
-        self.opt = torch.optim.AdamW(param_groups([model, losses], aux_ids, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps)
+        self.opt = o.build(param_groups([model, losses], aux_ids, o.weight_decay))
         self.aux_opts = {i: losses[i].aux_optimizer(ps) for i, ps in aux if ps}
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, cfg))
         # DDP must look for unused parameters only where some can be unused at a step: a text tower

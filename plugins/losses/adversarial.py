@@ -430,7 +430,7 @@ class AdversarialLoss(Loss):
         o = self.cfg.optimizer
         groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": o.weight_decay},
                   {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-        return torch.optim.AdamW([g for g in groups if g["params"]], lr=o.lr, betas=o.betas, eps=o.eps)
+        return o.build([g for g in groups if g["params"]])
 
     def before_aux_step(self, optimizer: torch.optim.Optimizer, step: int) -> None:
         """Called by the trainer between D's backward and ``optimizer.step()``: D's learning rate for
