@@ -1,4 +1,4 @@
-"""``python -m core.eval_timing EXP.yaml [--repeat R]``: the evaluation time of an
+"""``python -m core.bench eval EXP.yaml [--repeat R]``: the evaluation time of an
 experiment's first cell, one shared pass (:func:`core.evaluation.run_evaluators`) against one pass
 per evaluator (each evaluator's ``evaluate`` running the model on its own, the contract before the
 shared pass), in one process on the same model and eval set, one CPU thread. Prints both times and
@@ -24,15 +24,18 @@ def per_evaluator(model, evaluators, loader):
     return out
 
 
-def main(argv=None) -> int:
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("exp", help="experiment YAML (a sweep: its first cell)")
+    p.add_argument("--repeat", type=int, default=2, help="timed repetitions of each path (best is printed)")
+
+
+def bench_eval(a: argparse.Namespace) -> int:
+    from core.cli import positive
     from core.config import read_yaml, validate
     from core.sweep.space import grid_points, parse_sweep, validate_cell
     from core.trainer import build, eval_loader, evaluate
 
-    p = argparse.ArgumentParser()
-    p.add_argument("exp")
-    p.add_argument("--repeat", type=int, default=2)
-    a = p.parse_args(argv)
+    positive(a.repeat, "--repeat")
     torch.set_num_threads(1)
     raw = read_yaml(a.exp)
     if raw.get("sweep"):
@@ -61,6 +64,3 @@ def main(argv=None) -> int:
     print({k: round(v, 4) for k, v in sorted(m_one.items())})
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())
