@@ -1,0 +1,24 @@
+"""``python -m core.bench eval``: the shared pass and the per-evaluator passes give the same metrics."""
+from __future__ import annotations
+
+import yaml
+
+from conftest import tiny_experiment
+from core import bench
+
+
+def test_bench_eval_times_both_paths_and_their_metrics_agree(tmp_path, capsys):
+    exp = tiny_experiment(**{"eval": [{"type": "psnr_ssim"}, {"type": "usage"}]})
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(exp))
+    assert bench.main(["eval", str(path), "--repeat", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "per-evaluator passes:" in out and "one shared pass:" in out and "metrics equal: True" in out
+
+
+def test_bench_eval_bad_repeat_is_one_error_line(tmp_path, capsys):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_experiment()))
+    assert bench.main(["eval", str(path), "--repeat", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --repeat")
