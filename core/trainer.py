@@ -120,6 +120,8 @@ class TrainStep(nn.Module):
         weights = [loss.schedule(step) for loss in self.losses]
         wants_text = any(w != 0 and "text" in loss.needs for w, loss in zip(weights, self.losses))
         outputs = self.model(batch["image"], batch.get("text") if wants_text else None)
+        if not wants_text:  # the CLIP head's embedding, unread this step: kept, it would sit in DDP's
+            outputs.pop("image_embed", None)  # graph of the outputs with no gradient (a reduction error)
         terms_so_far: dict[LossTermKey, torch.Tensor] = {}  # (type, term) -> weighted, summed over labels
         outputs["loss_terms"] = terms_so_far
         logs: dict[str, torch.Tensor] = {}
