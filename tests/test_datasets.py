@@ -170,7 +170,8 @@ def test_expand_shards(tmp_path):
 @pytest.mark.parametrize("n_shards", [3, 1])  # more shards than workers, and fewer
 def test_webdataset_each_sample_once_per_epoch_across_two_workers(tmp_path, n_shards):
     paths = _write_shards(tmp_path, n_shards, 5)
-    cfg = WebDatasetConfig(shards=str(tmp_path) + "/shard-{000..%03d}.tar" % (n_shards - 1), image_size=8, shuffle_buffer=4)
+    cfg = WebDatasetConfig(shards=str(tmp_path) + "/shard-{000..%03d}.tar" % (n_shards - 1), image_size=8, shuffle_buffer=4,
+                           eval_shards=paths[-1])  # explicit: every shard trains
     ds = WebDataset(cfg, "train", seed=0)
     assert ds.shards == paths
     loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2)
@@ -194,6 +195,18 @@ def test_webdataset_splits_across_ranks(tmp_path, monkeypatch):
         seen.append([it["key"] for it in WebDataset(cfg, "eval")])
     assert sorted(sum(seen, [])) == sorted(f"{s:03d}{j:04d}" for s in range(2) for j in range(3))
     assert all(len(s) == 2 for s in seen)
+
+
+def test_webdataset_default_eval_shard_is_not_trained_on(tmp_path):
+    """Without eval_shards the last shard is the eval split and the train split leaves it out (it
+    used to train on it too); with one shard there is nothing to hold out: one error."""
+    paths = _write_shards(tmp_path, 3, 2)
+    cfg = WebDatasetConfig(shards=str(tmp_path / "*.tar"), image_size=8)
+    train, ev = WebDataset(cfg, "train"), WebDataset(cfg, "eval")
+    assert train.shards == paths[:2] and ev.shards == paths[2:]
+    assert not {it["key"] for it in train} & {it["key"] for it in ev}
+    with pytest.raises(ConfigError, match="eval_shards"):
+        WebDataset(WebDatasetConfig(shards=paths[0], image_size=8), "train")
 
 
 def test_webdataset_missing_shard(tmp_path):

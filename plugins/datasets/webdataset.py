@@ -40,7 +40,7 @@ class WebDatasetConfig(DatasetConfig):
     type: Literal["webdataset"] = "webdataset"
     image_size: int = Field(256, ge=8, le=1024)  # side of the square crops
     shards: Union[str, list[str]]  # shard paths; "{000..099}" ranges and glob patterns are expanded
-    eval_shards: Optional[Union[str, list[str]]] = None  # shards of the eval split (default: the last shard)
+    eval_shards: Optional[Union[str, list[str]]] = None  # shards of the eval split (default: the last shard, then not trained on)
     shuffle_buffer: int = Field(1000, ge=0)  # train split: samples held in the shuffle buffer (0: off)
     crop_scale: tuple[float, float] = (0.8, 1.0)  # RandomResizedCrop area range (train split)
     crop_ratio: float = Field(0.875, gt=0, le=1)  # eval: resize to size / ratio, then centre crop
@@ -100,8 +100,13 @@ class WebDataset(Dataset, torch.utils.data.IterableDataset):
     def __init__(self, cfg: WebDatasetConfig, split: str = "train", seed: int = 0) -> None:
         self.cfg, self.split, self.seed = cfg, split, seed
         shards = expand_shards(cfg.shards)
-        if split != "train":
-            shards = expand_shards(cfg.eval_shards) if cfg.eval_shards is not None else shards[-1:]
+        if cfg.eval_shards is None and len(shards) > 1:  # the last shard is the eval split: not trained on
+            shards = shards[:-1] if split == "train" else shards[-1:]
+        elif cfg.eval_shards is None:
+            raise ConfigError("data.eval_shards", "one shard in data.shards: the default eval split (the last shard) "
+                                                  "would be the training data; give eval_shards or more shards")
+        elif split != "train":
+            shards = expand_shards(cfg.eval_shards)
         missing = [s for s in shards if not os.path.isfile(s)]
         if not shards or missing:
             raise ConfigError("data.shards" if split == "train" else "data.eval_shards",
