@@ -230,3 +230,19 @@ def test_webdataset_labels_train_the_fd_reference_network(tmp_path):
     fd_cfg = FdConfig(extractor="reference", cache_dir=str(tmp_path / "cache"), reference=dict(width=8, steps=5, batch_size=3))
     out = Fd(fd_cfg).evaluate(Identity(), torch.utils.data.DataLoader(ds, batch_size=4))
     assert set(out) == {"fd_refnet"} and abs(out["fd_refnet"]) < 1e-6
+
+
+def test_shapes_cache_returns_the_rendered_items_and_survives_a_caller_writing_into_them():
+    from plugins.datasets.shapes import Shapes, ShapesConfig
+
+    cfg = ShapesConfig(image_size=16, train_size=50)
+    cached, fresh = Shapes(cfg, "train", seed=3), Shapes(cfg, "train", seed=3)
+    fresh._cache = None
+    assert cached._cache is not None
+    for i in (0, 7, 49):
+        first = cached[i]
+        first["image"].zero_()  # a caller writing into its batch must not reach the cache
+        again, ref = cached[i], fresh[i]
+        assert torch.equal(again["image"], ref["image"]) and again.keys() == ref.keys()
+        assert all(again[k] == ref[k] for k in ref if k != "image")
+    assert len(cached._cache) == 3
