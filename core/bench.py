@@ -1,5 +1,5 @@
 """Benchmarks: ``python -m core.bench quantizers [--json PATH] [--tokens N] [--heavy] ...`` and
-``python -m core.bench train`` (core/bench_train.py), ``python -m core.bench generation`` (core/bench_generate.py), ``python -m core.bench eval`` (core/bench_eval.py).
+``python -m core.bench train`` (core/bench_train.py), ``python -m core.bench generation`` (core/bench_generate.py), ``python -m core.bench eval`` (core/bench_eval.py), ``python -m core.bench cells`` (core/bench_cells.py).
 
 ``quantizers``: forward+backward time and peak extra memory of each vtok quantizer beside a naive
 reference (full N x K distance matrix / full N x 2^d probabilities) and, when installed (the
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from core import bench_eval, bench_generate, bench_train
+from core import bench_cells, bench_eval, bench_generate, bench_train
 from core.errors import ConfigError
 
 # ---------------------------------------------------------------------------------------------
@@ -291,6 +291,8 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "run-case": ("(internal) one quantizer case in this process", _add_run_case_args, run_case),
     "train": ("full trainer vs a minimal hand-written loop: images/s, overhead, step-time shares",
               bench_train.add_args, bench_train.bench_train),
+    "cells": ("training images/s of each paper experiment's first cell, before/after the step-cost changes (core/bench_cells.py)",
+              bench_cells.add_args, bench_cells.bench_cells),
     "eval": ("evaluation of an experiment's first cell: one shared pass against one pass per evaluator (core/bench_eval.py)",
              bench_eval.add_args, bench_eval.bench_eval),
     "generation": ("generation evaluator: prior training + sampling time, KV-cache speed-up (core/bench_generate.py)",

@@ -1,4 +1,4 @@
-"""``python -m core.bench eval``: the shared pass and the per-evaluator passes give the same metrics."""
+"""``python -m core.bench eval`` and ``cells``: they run, agree and reject bad input in one line."""
 from __future__ import annotations
 
 import yaml
@@ -22,3 +22,19 @@ def test_bench_eval_bad_repeat_is_one_error_line(tmp_path, capsys):
     assert bench.main(["eval", str(path), "--repeat", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --repeat")
+
+
+def test_bench_cells_prints_before_after_and_ratio(tmp_path, capsys):
+    exp = tiny_experiment()
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(exp))
+    assert bench.main(["cells", str(path), "--steps", "2", "--repeats", "1", "--warmup", "1"]) == 0
+    row = capsys.readouterr().out.strip().splitlines()[-1].split()
+    before, after, ratio = map(float, row[2:5])
+    assert row[0] == "tiny" and before > 0 and after > 0 and abs(ratio - after / before) < 0.01
+
+
+def test_bench_cells_missing_file_is_one_error_line(tmp_path, capsys):
+    assert bench.main(["cells", str(tmp_path / "nope.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "not found" in err[0]
