@@ -40,7 +40,6 @@ from core.errors import ConfigError, one_line
 SCHEMA = 1
 DIGITS = 6  # significant digits of every stored float
 NOT_RUN = "not run"
-DONE_FILE = "final_metrics.json"  # a finished run's marker in its run directory (core.trainer)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -93,12 +92,15 @@ def _teachers(raw: dict[str, Any]) -> list[str]:
 
 
 def teacher_ready(weights: str) -> bool:
-    """A finished run is at ``weights``: that run directory, or a ``<weights>-<hash>`` run directory
-    (the distill loss takes the newest of those; any finished one means the teacher was trained)."""
-    p = Path(weights).expanduser()
-    if (p / DONE_FILE).is_file():
-        return True
-    return p.parent.is_dir() and any((d / DONE_FILE).is_file() for d in p.parent.glob(f"{p.name}-*"))
+    """The run the distill loss will load from ``weights`` (core.rundir.find_run_dir: that run
+    directory, or the newest run of the experiment it names) is finished (its completion marker)."""
+    from core import rundir
+
+    try:
+        found = rundir.find_run_dir(weights)
+    except ConfigError:  # ambiguous: the student's own validation says so when it runs
+        return False
+    return found is not None and rundir.read_complete(found) is not None
 
 
 def producer(weights: str, exps: dict[str, Experiment]) -> Experiment | None:

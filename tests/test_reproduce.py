@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -121,13 +123,20 @@ def test_teacher_is_added_before_its_student_when_missing(toy, tmp_path):
 
 
 def test_teacher_is_not_added_when_a_finished_run_is_there(toy, tmp_path):
+    from core import rundir
+
     run = tmp_path / "runs" / "teacher-0123abcd"
-    run.mkdir(parents=True)
-    (run / rp.DONE_FILE).write_text("{}")
+    (run / "checkpoints" / "step_00000002").mkdir(parents=True)
+    rundir.write_complete(run, {"zero_shot_top1": 50.0}, None)
     assert names(rp.resolve(["b_student"], toy)) == ["b_student"]
     assert names(rp.resolve(None, toy)) == ["a_plain", "b_student"]
     # asked for by name, it runs (a finished run is not repeated by core.run)
     assert names(rp.resolve(["teacher", "b_student"], toy)) == ["b_student", "teacher"]
+    # a newer, unfinished teacher run is the one the student would load: the teacher is resumed first
+    newer = tmp_path / "runs" / "teacher-4567cdef"
+    (newer / "checkpoints" / "step_00000001").mkdir(parents=True)
+    os.utime(newer / "checkpoints" / "step_00000001", (time.time() + 10, time.time() + 10))
+    assert names(rp.resolve(["b_student"], toy)) == ["teacher", "b_student"]
 
 
 def test_shipped_uniwetok_files_depend_on_the_clip_teacher(tmp_path, monkeypatch):
