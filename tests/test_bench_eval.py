@@ -38,3 +38,13 @@ def test_bench_cells_missing_file_is_one_error_line(tmp_path, capsys):
     assert bench.main(["cells", str(tmp_path / "nope.yaml")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "not found" in err[0]
+
+
+def test_bench_cells_skips_a_cell_that_cannot_be_built_and_goes_on(tmp_path, capsys):
+    student = tiny_experiment(**{"losses": [{"type": "pixel"}, {"type": "distill", "teacher": {"weights": str(tmp_path / "runs/nope")}}]})
+    (tmp_path / "a_student.yaml").write_text(yaml.safe_dump(student))
+    (tmp_path / "b_tiny.yaml").write_text(yaml.safe_dump(tiny_experiment()))
+    args = ["cells", str(tmp_path / "a_student.yaml"), str(tmp_path / "b_tiny.yaml"), "--steps", "1", "--repeats", "1", "--warmup", "0"]
+    assert bench.main(args) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-2].startswith("a_student") and "skipped:" in lines[-2] and lines[-1].startswith("b_tiny")
