@@ -36,7 +36,7 @@ key               meaning
 
 Config vocabulary: one name per idea, in every plugin (a third-party plugin should use them too).
 A retired name in a config is an error naming its replacement (:data:`RETIRED`, per-class
-``renamed``       ), e.g. ``error: model.quantizer.n_codebooks: renamed to codes_per_token``.
+``renamed``), e.g. ``error: model.quantizer.n_codebooks: renamed to codes_per_token``.
 
 =========================  ===============================================================  ==========================================
 name                       meaning                                                          retired names
