@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from pathlib import Path
 
 import torch
 
@@ -30,19 +31,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def bench_eval(a: argparse.Namespace) -> int:
+    from core.bench_cells import first_cell
     from core.cli import positive
-    from core.config import read_yaml, validate
-    from core.sweep.space import grid_points, parse_sweep, validate_cell
     from core.trainer import build, eval_loader, evaluate
 
     positive(a.repeat, "--repeat")
     torch.set_num_threads(1)
-    raw = read_yaml(a.exp)
-    if raw.get("sweep"):
-        sw = parse_sweep(raw["sweep"])
-        exp = validate_cell(raw, sw, grid_points(sw)[0], sw.seeds[0])
-    else:
-        exp = validate(raw)
+    exp = first_cell(Path(a.exp))
     built = build(exp)
     model = built.model
     loader = eval_loader(built.eval_set, exp.train)
