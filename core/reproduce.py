@@ -256,6 +256,7 @@ class ResultsData(BaseModel):
     claims: list[ClaimData]
     curves: dict[str, dict[str, dict[str, list[list[Optional[float]]]]]] = Field(default_factory=dict)
     # curves: metric -> cell -> seed -> [[step, value], ...] (evaluations during training, from MLflow)
+    grids: dict[str, Any] = Field(default_factory=dict)  # core.reproduce_grids: {recon, samples} -> file, rows
 
 
 def dumps(data: dict[str, Any]) -> str:
@@ -263,10 +264,14 @@ def dumps(data: dict[str, Any]) -> str:
 
 
 def write_results(data: dict[str, Any], results_dir: Path) -> Path:
+    from core import reproduce_grids
+
+    data, images = reproduce_grids.split(data)  # the grid pictures go next to the record
     # the validated, complete form (defaults filled in): never a file the page cannot read, and
     # loading then writing a record gives the same bytes
     text = dumps(ResultsData.model_validate(json.loads(dumps(data))).model_dump(by_alias=True, mode="json"))
     results_dir.mkdir(parents=True, exist_ok=True)
+    reproduce_grids.write_images(data, images, results_dir)
     path = results_dir / f"{data['experiment']}.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(text)
@@ -285,7 +290,9 @@ def load_results(results_dir: str | Path) -> dict[str, dict[str, Any]]:
             model = ResultsData.model_validate(json.loads(path.read_text()))
         except (ValueError, ValidationError) as e:
             raise ConfigError(str(path), f"not a results file: {str(e).splitlines()[0]}") from None
-        out[model.experiment] = model.model_dump(by_alias=True, mode="json")
+        from core.reproduce_grids import present
+
+        out[model.experiment] = present(model.model_dump(by_alias=True, mode="json"), d)
     return out
 
 
@@ -330,7 +337,7 @@ def collect(e: Experiment, overrides: list[str]) -> dict[str, Any]:
             for s, v in per_seed.items():
                 cells[c].setdefault(str(s), {})[m] = v
     params = {f"#{t.number}": t.record.choices for t in trials if sw.sampler == "tpe" and f"#{t.number}" in values}
-    return {
+    data = {
         "schema": SCHEMA, "experiment": exp.name, "file": f"{e.path.parent.name}/{e.path.name}",
         "study": study.study_name, "git": git_state(),
         "dataset": {"type": exp.data.type, "image_size": exp.data.image_size}, "steps": exp.train.steps,
@@ -343,6 +350,9 @@ def collect(e: Experiment, overrides: list[str]) -> dict[str, Any]:
         "cell_order": order, "cells": cells, "trial_params": params, "claims": summary.get("claims", []),
         "curves": curves(exp, trials, shown),
     }
+    from core.reproduce_grids import attach
+
+    return attach(data, trials, sw.sampler)  # reconstruction and sample grids (core.reproduce_grids)
 
 
 def curves(exp: Any, trials: list[Any], metrics: list[str]) -> dict[str, Any]:
@@ -655,7 +665,9 @@ def section(en: Entry, plots: list[tuple[str, str]]) -> list[str]:
         out += ["", "Failed runs: " + "; ".join(f"{f['cell']} seed {f['seed']}: {f['error']}" for f in d["failed"])]
     if plots:
         out += ["", " ".join(f"![{alt}]({path})" for alt, path in plots)]
-    return out
+    from core.reproduce_grids import page_lines
+
+    return out + page_lines(d)
 
 
 def draw_plots(data: dict[str, dict[str, Any]], plot_dir: Path, link_base: str) -> dict[str, list[tuple[str, str]]]:
@@ -725,6 +737,9 @@ def write_page(exps: dict[str, Experiment], results_dir: Path, page: Path, plots
     data = load_results(results_dir)
     plot_dir = page.parent / "results"
     links = draw_plots(data, plot_dir, "results") if plots else plot_links(data)
+    from core.reproduce_grids import copy_images
+
+    copy_images(data, results_dir, plot_dir)
     page.parent.mkdir(parents=True, exist_ok=True)
     page.write_text(build_page(exps, data, links))
     return page
