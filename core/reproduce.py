@@ -18,6 +18,9 @@ curves from MLflow; floats to 6 significant digits, sorted keys, so a diff shows
 ``docs/RESULTS.md`` (with plots in ``docs/results/``) is rebuilt from those files alone:
 ``--report-only`` does only that. Experiments without a results file are listed with their claims
 "not run".
+
+A grid experiment's record also lists its reconstruction and sample grids, PNGs stored next to it
+(``results/<experiment>.recon.png``, ``.samples.png``; made by ``core.reproduce_grids``).
 """
 from __future__ import annotations
 

@@ -66,14 +66,13 @@ def locate(run_dir: str | None, run_id: str | None) -> tuple[Path, Path] | None:
     """(run directory, newest valid checkpoint), found by the recorded directory or else the MLflow
     run id (``core.rundir.resolve_checkpoint``); None when neither leads to a checkpoint."""
     from core import rundir
-    from core.errors import ConfigError
 
     for key in (run_dir, run_id):
         if not key or (key == run_dir and not Path(key).is_dir()):
             continue
         try:
             return rundir.resolve_checkpoint(key)
-        except (ConfigError, OSError):
+        except Exception:  # noqa: BLE001 - ConfigError, or an MLflow store that cannot be reached
             continue
     return None
 
@@ -208,7 +207,12 @@ def make(trials: list[Any], order: list[str], name: str) -> tuple[dict[str, Any]
 
     runs = pick_runs(trials, order)
     missing: dict[str, str] = {c: "no finished run" for c in order if c not in runs}
-    loaded = []  # (cell, seed, run_dir, step, exp, model)
+    recon_missing: dict[str, str] = {}
+    loaded = []  # (cell, seed, run_dir, step, exp): one model in memory at a time
+    ref = x = ds = None
+    rows_meta: list[dict[str, Any]] = []
+    blocks: list[tuple[str, list[list[np.ndarray]]]] = []
+    k = 1
     for cell, (seed, run_dir, run_id) in runs.items():
         found = locate(run_dir, run_id)
         if found is None:
@@ -220,34 +224,32 @@ def make(trials: list[Any], order: list[str], name: str) -> tuple[dict[str, Any]
         except Exception as err:  # noqa: BLE001 - a damaged run leaves its row out, not the record
             missing[cell] = f"checkpoint not loadable ({type(err).__name__})"
             continue
-        loaded.append((cell, seed, rd, rundir.step_of(ckpt), exp, model))
-    if not loaded:
-        return {}, {}
-    ref = loaded[0][4]
-    x, ds = eval_images(ref)
-    side = int(x.shape[-1])
-    k = scale_of(side)
-    tile = side * k
-    meta: dict[str, Any] = {}
-    images: dict[str, Any] = {}
-
-    rows_meta, blocks = [], [("eval images (originals)", [[upscale(t, k) for t in to_uint8(x)]])]
-    recon_missing = dict(missing)
-    for cell, seed, _, step, exp, model in loaded:
+        step = rundir.step_of(ckpt)
+        loaded.append((cell, seed, rd, step, exp))
+        if ref is None:  # the first cell's data gives the images every row shows
+            ref = exp
+            x, ds = eval_images(ref)
+            k = scale_of(int(x.shape[-1]))
+            blocks.append(("eval images (originals)", [[upscale(t, k) for t in to_uint8(x)]]))
         if exp.data.model_dump() != ref.data.model_dump():
             recon_missing[cell] = "different data"
-            continue
-        y = reconstruct(model, x)
-        blocks.append((f"{cell} (seed {seed}, step {step})", [[upscale(t, k) for t in to_uint8(y)]]))
-        rows_meta.append({"cell": cell, "seed": seed, "step": step})
-    images["recon"] = compose(blocks, len(x), tile)
+        else:
+            blocks.append((f"{cell} (seed {seed}, step {step})", [[upscale(t, k) for t in to_uint8(reconstruct(model, x))]]))
+            rows_meta.append({"cell": cell, "seed": seed, "step": step})
+        del model
+    if not loaded:
+        return {}, {}
+    recon_missing = {**missing, **recon_missing}
+    tile = int(x.shape[-1]) * k
+    images: dict[str, Any] = {"recon": compose(blocks, len(x), tile)}
+    meta: dict[str, Any] = {}
     meta["recon"] = {"file": f"{name}.recon.png", "images": len(x), "tile": tile, "data_seed": DATA_SEED,
                      "rows": rows_meta, "missing": {c: recon_missing[c] for c in order if c in recon_missing}}
 
-    if any(_generation(exp) is not None for *_, exp, _ in loaded):
+    if any(_generation(exp) is not None for *_, exp in loaded):
         rows_meta, blocks, classes, per = [], [], None, 0
         samples_missing = dict(missing)
-        for cell, seed, rd, step, exp, _ in loaded:
+        for cell, seed, rd, step, exp in loaded:
             gen = _generation(exp)
             png = Path(rd) / "generation" / f"samples_{step:08d}.png"
             if gen is None or not getattr(gen, "grid_per_class", 0) or not png.is_file():
@@ -258,14 +260,15 @@ def make(trials: list[Any], order: list[str], name: str) -> tuple[dict[str, Any]
                 samples_missing[cell] = "sample grid of an unexpected layout"
                 continue
             kc = scale_of(exp.data.image_size)
-            blocks.append((f"{cell} (seed {seed}, step {step})", [[upscale(t, kc) for t in row[:SAMPLES_PER_CLASS]] for row in tiles]))
+            blocks.append((f"{cell} (seed {seed}, step {step})",
+                           [[upscale(t, kc) for t in row[:SAMPLES_PER_CLASS]] for row in tiles]))
             rows_meta.append({"cell": cell, "seed": seed, "step": step, "classes": len(tiles)})
             per = max(per, min(SAMPLES_PER_CLASS, gen.grid_per_class))
             classes = classes or len(tiles)
         if blocks:
             names = list(getattr(ds, "class_names", None) or [])
             images["samples"] = compose(blocks, per, max(scale_of(e.data.image_size) * e.data.image_size
-                                                         for *_, e, _ in loaded))
+                                                         for *_, e in loaded))
             meta["samples"] = {"file": f"{name}.samples.png", "per_class": per, "rows": rows_meta,
                                "classes": names if len(names) == classes else [],
                                "missing": {c: samples_missing[c] for c in order if c in samples_missing}}
