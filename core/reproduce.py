@@ -109,19 +109,20 @@ def variants(e: Experiment) -> list[Experiment]:
     run with ``core.sweep.paper.variant_overrides``); the entries' full validation is the
     experiment's (``core.sweep.paper.check_also_on``), here only what naming them needs."""
     from core.config import apply_overrides
-    from core.sweep.paper import parse_paper, variant_name, variant_overrides
+    from core.sweep.paper import check_variant_types, parse_paper, variant_name, variant_overrides
 
     if not e.paper:
         return []
     try:
         entries = parse_paper(e.raw.get("paper")).also_on
+        for i, data in enumerate(entries):
+            if not isinstance(data.get("type"), str):
+                raise ConfigError(f"paper.also_on.{i}.type", "missing (a dataset mapping such as {type: fashion_mnist, image_size: 32})")
+        check_variant_types(e.name, (e.raw.get("data") or {}).get("type"), entries)
     except ConfigError as err:
         raise ConfigError(str(e.path), str(err)) from None
     out = []
-    for i, data in enumerate(entries):
-        if not isinstance(data.get("type"), str):
-            raise ConfigError(str(e.path), f"paper.also_on.{i}.type: missing (a dataset mapping such as "
-                              "{type: fashion_mnist, image_size: 32})")
+    for data in entries:
         ov = variant_overrides(e.name, data)
         out.append(Experiment(variant_name(e.name, data), e.path, apply_overrides(e.raw, ov), True, list(e.teachers), ov, e.name))
     return out
@@ -709,15 +710,14 @@ def disagreements(ents: list[Entry]) -> list[str]:
                 f"{_verdict(c)} on {en.dataset} ({_effect(c)}, [{en.exp.name}](#{en.exp.name}))" for en, c in rows))
         elif sum(v in ("holds", "does not hold") for v in vs) > 1:
             agree += 1
-    out = ["", "### Datasets disagree", "",
-           f"{len(multi)} claims are judged on more than one dataset (`paper.also_on`). "]
+    out = ["", "### Datasets disagree", "", f"Claims judged on more than one dataset (`paper.also_on`): {len(multi)}. "
+           "Holding on one dataset and not holding on another"]
     if found:
-        out[-1] += (f"{len(found)} hold on one dataset and do not hold on another (each verdict at the 95% level): "
-                    "a finding about the claim, not noise.")
+        out[-1] += f" (a finding: the claim depends on the data): {len(found)}."
         out += ["", *found]
     else:
-        out[-1] += (f"None holds on one and fails on another: {agree} are decided on two or more datasets and agree, "
-                    f"{len(multi) - agree} are not yet decided on two.")
+        out[-1] += (f": none (decided on two or more datasets and agreeing: {agree}; not yet decided on two: "
+                    f"{len(multi) - agree}).")
     return out
 
 

@@ -111,6 +111,19 @@ def variant_overrides(name: str, data: dict[str, Any]) -> list[str]:
     return [f"name={variant_name(name, data)}", f"data={flow}", "paper.also_on=[]"]
 
 
+def check_variant_types(name: str, own_type: Any, entries: list[dict[str, Any]]) -> None:
+    """One ``paper.also_on`` entry per dataset type (the type names the variant), none the experiment's own."""
+    seen = {own_type: "the experiment's own dataset"}
+    for i, entry in enumerate(entries):
+        kind = entry.get("type")
+        if not isinstance(kind, str):
+            continue  # validation names what is missing
+        if kind in seen:
+            raise ConfigError(f"paper.also_on.{i}.type", f"'{kind}' is {seen[kind]}: each entry is another dataset type "
+                              f"(it names the variant, {variant_name(name, entry)})")
+        seen[kind] = f"already paper.also_on.{i}"
+
+
 def check_also_on(raw: dict[str, Any], exp: Any, reg: Any) -> None:
     """Every ``paper.also_on`` entry: one dataset type each (it names the variant), not the
     experiment's own, and the whole experiment validates on it (re-rooted errors:
@@ -123,14 +136,9 @@ def check_also_on(raw: dict[str, Any], exp: Any, reg: Any) -> None:
     if exp.sweep is None:
         raise ConfigError("paper.also_on", "only a sweep's claims are judged on other datasets "
                           "(core.reproduce runs the files with sweep and paper sections)")
-    seen = {exp.data.type: "the experiment's own dataset"}
+    check_variant_types(exp.name, exp.data.type, paper.also_on)
     for i, entry in enumerate(paper.also_on):
         where, kind = f"paper.also_on.{i}", entry.get("type")
-        if isinstance(kind, str) and kind in seen:
-            raise ConfigError(f"{where}.type", f"'{kind}' is {seen[kind]}: each entry is another dataset type "
-                              f"(it names the variant, {variant_name(exp.name, entry)})")
-        if isinstance(kind, str):
-            seen[kind] = f"already {where}"
         try:
             validate(apply_overrides(raw, variant_overrides(exp.name, entry), reg), reg)
         except ConfigError as e:
