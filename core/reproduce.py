@@ -99,7 +99,8 @@ def discover(exp_dir: str | Path) -> dict[str, Experiment]:
         found[name] = Experiment(name, path, raw, bool(raw.get("sweep")) and bool(raw.get("paper")), _teachers(raw))
         for v in variants(found[name]):
             if v.name in found:
-                raise ConfigError(str(path), f"experiment name '{v.name}' (a paper.also_on variant) is also used by {found[v.name].path}")
+                raise ConfigError(str(path), f"experiment name '{v.name}' (a paper.also_on variant) is also used by "
+                                  f"{found[v.name].path}")
             found[v.name] = v
     return found
 
@@ -117,7 +118,8 @@ def variants(e: Experiment) -> list[Experiment]:
         entries = parse_paper(e.raw.get("paper")).also_on
         for i, data in enumerate(entries):
             if not isinstance(data.get("type"), str):
-                raise ConfigError(f"paper.also_on.{i}.type", "missing (a dataset mapping such as {type: fashion_mnist, image_size: 32})")
+                raise ConfigError(f"paper.also_on.{i}.type",
+                                  "missing (a dataset mapping such as {type: fashion_mnist, image_size: 32})")
         check_variant_types(e.name, (e.raw.get("data") or {}).get("type"), entries)
     except ConfigError as err:
         raise ConfigError(str(e.path), str(err)) from None
@@ -348,6 +350,7 @@ def git_state() -> dict[str, Any]:
 def collect(e: Experiment, overrides: list[str]) -> dict[str, Any]:
     """The finished study of ``e`` as a results record (also writes core.report's report under
     ``<out_dir>/../reports``, where the sweep itself writes it)."""
+    overrides = [*e.overrides, *overrides]  # a dataset variant's own, then the command's
     from core import report
     from core.config import apply_overrides, read_yaml, validate
     from core.sweep import results, study as st
@@ -424,10 +427,10 @@ def curves(exp: Any, trials: list[Any], metrics: list[str]) -> dict[str, Any]:
 
 
 def run_experiment(e: Experiment, overrides: list[str]) -> int:
-    """``python -m core.run <file> [overrides]`` in this process: its exit status."""
+    """``python -m core.run <file> [the experiment's overrides] [overrides]`` in this process: its exit status."""
     from core import run
 
-    return run.main([str(e.path), *overrides])
+    return run.main([str(e.path), *e.overrides, *overrides])
 
 
 def progress_text(e: Experiment, data: dict[str, Any] | None) -> str:
@@ -477,7 +480,7 @@ def run_plan(plan: list[tuple[Experiment, str]], results_dir: Path, budget_min: 
             print(f"vtok reproduce: [{i}/{n}] {e.name}: skipped, its teacher ({', '.join(lacking)}) failed", file=sys.stderr)
             status = 1
             continue
-        overrides = list(e.overrides)
+        overrides = []  # the command's, after the experiment's own (e.overrides: runner and collector add them)
         seeds = (e.raw.get("sweep") or {}).get("seeds")
         if budget_min is not None and isinstance(seeds, dict):  # a seed range stops adding seeds within the budget
             left = min(budget_min - spent, seeds.get("budget_minutes") or math.inf)
@@ -622,7 +625,8 @@ class Entry:
 
     def sort_key(self) -> tuple[Any, ...]:
         p, _ = paper_ref(self.source)  # a dataset variant right after its base
-        return (PAPERS.index(p) if p in PAPERS else len(PAPERS), self.source, self.exp.family, self.exp.base is not None, self.exp.name)
+        return (PAPERS.index(p) if p in PAPERS else len(PAPERS), self.source, self.exp.family, self.exp.base is not None,
+                self.exp.name)
 
 
 def _claim_words(c: Any) -> str:

@@ -95,25 +95,27 @@ def test_dry_run_lists_the_variant_with_its_dataset(toy, capsys):
     assert out[2].endswith("; paper experiment; results results/demo_fashion_mnist.json")
 
 
-def test_run_plan_passes_the_variant_overrides_to_the_run_and_the_collector(toy, tmp_path):
-    calls = []
+def test_run_and_collect_use_the_variant_overrides(toy, tmp_path, monkeypatch):
+    """run_plan hands the command's overrides (a budget) to run_experiment and collect, which put
+    the experiment's own first: core.run gets the file, the variant's overrides, then the budget."""
+    from core import run
 
-    def runner(e, overrides):
-        calls.append(("run", e.name, overrides))
-        return 0
+    argvs = []
+    monkeypatch.setattr(run, "main", lambda argv: argvs.append(argv) or 0)
+    seen = []
 
     def collector(e, overrides):
-        calls.append(("collect", e.name, overrides))
+        seen.append((e.name, overrides))
         return None
 
-    toy["demo_fashion_mnist"].raw["sweep"]["seeds"] = {"min": 3, "max": 10}
+    v = toy["demo_fashion_mnist"]
+    v.raw["sweep"]["seeds"] = {"min": 3, "max": 10}
     plan = rp.resolve(["demo", "demo_fashion_mnist"], toy)
-    assert rp.run_plan(plan, tmp_path / "results", 30, runner, collector, lambda: 0.0) == 0
-    ov = toy["demo_fashion_mnist"].overrides
-    assert calls == [("run", "demo", []), ("collect", "demo", []),
-                     ("run", "demo_fashion_mnist", [*ov, "sweep.seeds.budget_minutes=30.00"]),
-                     ("collect", "demo_fashion_mnist", [*ov, "sweep.seeds.budget_minutes=30.00"])]
-    assert toy["demo_fashion_mnist"].overrides == ov  # the experiment's own list is not extended
+    assert rp.run_plan(plan, tmp_path / "results", 30, rp.run_experiment, collector, lambda: 0.0) == 0
+    budget = "sweep.seeds.budget_minutes=30.00"
+    assert argvs == [[str(toy["demo"].path)], [str(v.path), *v.overrides, budget]]
+    assert seen == [("demo", []), ("demo_fashion_mnist", [budget])]
+    assert v.overrides == ["name=demo_fashion_mnist", "data={type: fashion_mnist, image_size: 32}", "paper.also_on=[]"]
 
 
 # ------------------------------------------------------------------------------------------------
