@@ -886,7 +886,8 @@ def parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m core.reproduce", description=plain(__doc__.split("\n\n")[0]),
                       epilog="examples: python -m core.reproduce --dry-run; python -m core.reproduce --only ablate_codebooks "
                              "--budget-minutes 30; python -m core.reproduce --report-only")
-    p.add_argument("--only", nargs="+", metavar="NAME", help="run these experiments (names or file stems); their dependencies too")
+    p.add_argument("--only", nargs="+", metavar="NAME", help="run exactly these experiments (names or file stems; a paper.also_on dataset variant by its "
+                   "own name, e.g. ablate_codebooks_fashion_mnist); their dependencies too")
     p.add_argument("--report-only", action="store_true", help="rebuild the page from the stored results, train nothing")
     p.add_argument("--budget-minutes", type=float, metavar="M", help="start no new experiment after M minutes in total")
     p.add_argument("--dry-run", action="store_true", help="print the plan (experiments, cells, seeds, dependencies) and exit")
