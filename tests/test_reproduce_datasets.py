@@ -243,11 +243,11 @@ def test_tiny_variant_on_fashion_mnist_end_to_end(tmp_path, monkeypatch, capsys)
     assert (tmp_path / "docs" / "results" / "tiny_fashion_mnist.claims.png").is_file()
 
 
-@pytest.mark.parametrize("name", [pytest.param("supervision"),
-                                  pytest.param("ablate_codebooks", marks=pytest.mark.slow),
-                                  pytest.param("mcq_vs_rq", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_variant_cell_trains_two_steps_on_fashion_mnist(tmp_path, monkeypatch, name):
-    """The last cell of each shipped Fashion-MNIST variant (supervision's: the generation prior too)."""
+    """The last cell of each shipped Fashion-MNIST variant (supervision's: the generation prior too;
+    15-60 s each here, mostly that prior's sampling: slow)."""
     from core import sweep
     from core.trainer import train
 
