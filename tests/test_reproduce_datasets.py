@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from core import reproduce as rp
-from core.config import apply_overrides, read_yaml, validate
+from core.config import apply_overrides, config_hash, read_yaml, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 FASHION = {"type": "fashion_mnist", "image_size": 32}
@@ -49,6 +49,12 @@ def test_shipped_files_expand_into_fashion_mnist_variants_with_their_overrides()
         differ = {k for k in st.identity(b_exp).keys() | st.identity(v_exp).keys()
                   if st.identity(b_exp).get(k) != st.identity(v_exp).get(k)}
         assert differ and all(k == "name" or k.startswith("data.") for k in differ), differ
+        # adding also_on to a file keeps its own study and run directories (the paper section is no part of them)
+        without = json.loads(json.dumps(base.raw))
+        del without["paper"]["also_on"]
+        w_exp = validate(without)
+        assert st.study_name(w_exp, w_exp.sweep) == st.study_name(b_exp, b_exp.sweep)
+        assert config_hash(w_exp) == config_hash(b_exp)
     assert sum(e.base is not None for e in exps.values()) == len(SHIPPED)
 
 
