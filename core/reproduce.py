@@ -21,6 +21,13 @@ curves from MLflow; floats to 6 significant digits, sorted keys, so a diff shows
 
 A grid experiment's record also lists its reconstruction and sample grids, PNGs stored next to it
 (``results/<experiment>.recon.png``, ``.samples.png``; made by ``core.reproduce_grids``).
+
+A paper section may name further datasets (``paper.also_on: [{type: fashion_mnist, image_size: 32}]``):
+the file then also runs, right after itself, as the experiment ``<name>_<dataset type>`` (the same
+file with the overrides ``name=...``, ``data=<that mapping>``, ``paper.also_on=[]``: its own study,
+run directories and ``results/<name>_<type>.json``). The page's claim table has a row per claim and
+dataset, and lists the claims whose verdicts disagree between datasets. ``--only NAME`` runs exactly
+the experiments named: the base alone, or a variant by its own name.
 """
 from __future__ import annotations
 
@@ -57,6 +64,18 @@ class Experiment:
     raw: dict[str, Any]
     paper: bool  # a paper experiment (sweep + paper section); else a dependency such as the teacher
     teachers: list[str] = field(default_factory=list)  # vtok teacher weights paths its distill losses name
+    overrides: list[str] = field(default_factory=list)  # key=value overrides the file runs with (a dataset variant's)
+    base: Optional[str] = None  # a dataset variant (paper.also_on): the experiment it judges on another dataset
+
+    @property
+    def family(self) -> str:
+        """The experiment whose claims these are: the base of a dataset variant, else its own name."""
+        return self.base or self.name
+
+    @property
+    def where(self) -> str:
+        """``experiments/x.yaml`` (a variant: ``... on fashion_mnist 32 px``)."""
+        return f"{self.path} on {_dataset(self.raw.get('data') or {})}" if self.base else str(self.path)
 
     @property
     def run_prefix(self) -> str:
@@ -81,7 +100,37 @@ def discover(exp_dir: str | Path) -> dict[str, Experiment]:
         if name in found:
             raise ConfigError(str(path), f"experiment name '{name}' is also used by {found[name].path}")
         found[name] = Experiment(name, path, raw, bool(raw.get("sweep")) and bool(raw.get("paper")), _teachers(raw))
+        for v in variants(found[name]):
+            if v.name in found:
+                raise ConfigError(str(path), f"experiment name '{v.name}' (a paper.also_on variant) is also used by "
+                                  f"{found[v.name].path}")
+            found[v.name] = v
     return found
+
+
+def variants(e: Experiment) -> list[Experiment]:
+    """A paper experiment's ``paper.also_on`` datasets as experiments of their own (``<name>_<type>``,
+    run with ``core.sweep.paper.variant_overrides``); the entries' full validation is the
+    experiment's (``core.sweep.paper.check_also_on``), here only what naming them needs."""
+    from core.config import apply_overrides
+    from core.sweep.paper import check_variant_types, parse_paper, variant_name, variant_overrides
+
+    if not e.paper:
+        return []
+    try:
+        entries = parse_paper(e.raw.get("paper")).also_on
+        for i, data in enumerate(entries):
+            if not isinstance(data.get("type"), str):
+                raise ConfigError(f"paper.also_on.{i}.type",
+                                  "missing (a dataset mapping such as {type: fashion_mnist, image_size: 32})")
+        check_variant_types(e.name, (e.raw.get("data") or {}).get("type"), entries)
+    except ConfigError as err:
+        raise ConfigError(str(e.path), str(err)) from None
+    out = []
+    for data in entries:
+        ov = variant_overrides(e.name, data)
+        out.append(Experiment(variant_name(e.name, data), e.path, apply_overrides(e.raw, ov), True, list(e.teachers), ov, e.name))
+    return out
 
 
 def _teachers(raw: dict[str, Any]) -> list[str]:
@@ -116,7 +165,7 @@ def resolve(only: list[str] | None, exps: dict[str, Experiment],
             ready: Callable[[str], bool] = teacher_ready) -> list[tuple[Experiment, str]]:
     """[(experiment, why)] in running order: the selected ones (``only``, names or file stems; default
     every paper experiment) in file order, each preceded by the dependencies it lacks."""
-    by_stem = {e.path.stem: e for e in exps.values()}
+    by_stem = {e.path.stem: e for e in exps.values() if e.base is None}
     if only:
         chosen = []
         for n in only:
@@ -189,7 +238,7 @@ def print_plan(plan: list[tuple[Experiment, str]], results_dir: Path, budget: fl
         extra = [f"needs {w} ({'present' if teacher_ready(w) else 'missing'})" for w in e.teachers]
         if e.paper:
             extra.append(f"results {stored}" + (" (exists)" if stored.is_file() else ""))
-        print(f"{i}. {e.name} ({e.path}): {what}; {why}" + "".join(f"; {x}" for x in extra))
+        print(f"{i}. {e.name} ({e.where}): {what}; {why}" + "".join(f"; {x}" for x in extra))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -311,6 +360,7 @@ def git_state() -> dict[str, Any]:
 def collect(e: Experiment, overrides: list[str]) -> dict[str, Any]:
     """The finished study of ``e`` as a results record (also writes core.report's report under
     ``<out_dir>/../reports``, where the sweep itself writes it)."""
+    overrides = [*e.overrides, *overrides]  # a dataset variant's own, then the command's
     from core import report
     from core.config import apply_overrides, read_yaml, validate
     from core.sweep import results, study as st
@@ -390,10 +440,10 @@ def curves(exp: Any, trials: list[Any], metrics: list[str]) -> dict[str, Any]:
 
 
 def run_experiment(e: Experiment, overrides: list[str]) -> int:
-    """``python -m core.run <file> [overrides]`` in this process: its exit status."""
+    """``python -m core.run <file> [the experiment's overrides] [overrides]`` in this process: its exit status."""
     from core import run
 
-    return run.main([str(e.path), *overrides])
+    return run.main([str(e.path), *e.overrides, *overrides])
 
 
 def progress_text(e: Experiment, data: dict[str, Any] | None) -> str:
@@ -405,6 +455,22 @@ def progress_text(e: Experiment, data: dict[str, Any] | None) -> str:
         return f"?/{planned} runs done (no results)"
     done = sum(len(s) for s in data["seeds"].values())
     return f"{done}/{max(planned, done)} runs done, {data['runs']['failed']} failed"
+
+
+def check_plan(plan: list[tuple[Experiment, str]]) -> None:
+    """Every planned paper experiment validates as it will run (a dataset variant with its overrides;
+    a base with its ``paper.also_on`` entries), before anything trains. Validated as in planning
+    (core.needs): a teacher run the plan trains first is not missing yet."""
+    from core.config import apply_overrides, read_yaml, validate
+    from core.needs import planning
+
+    with planning():
+        for e, _ in plan:
+            if e.paper:
+                try:
+                    validate(apply_overrides(read_yaml(e.path), e.overrides))
+                except ConfigError as err:
+                    raise ConfigError(e.where, str(err)) from None
 
 
 def run_plan(plan: list[tuple[Experiment, str]], results_dir: Path, budget_min: float | None = None,
@@ -427,13 +493,13 @@ def run_plan(plan: list[tuple[Experiment, str]], results_dir: Path, budget_min: 
             print(f"vtok reproduce: [{i}/{n}] {e.name}: skipped, its teacher ({', '.join(lacking)}) failed", file=sys.stderr)
             status = 1
             continue
-        overrides = []
+        overrides = []  # the command's, after the experiment's own (e.overrides: runner and collector add them)
         seeds = (e.raw.get("sweep") or {}).get("seeds")
         if budget_min is not None and isinstance(seeds, dict):  # a seed range stops adding seeds within the budget
             left = min(budget_min - spent, seeds.get("budget_minutes") or math.inf)
             overrides.append(f"sweep.seeds.budget_minutes={max(left, 0.01):.2f}")  # positive, plain decimal YAML
         what, _ = shape(e)
-        print(f"vtok reproduce: [{i}/{n}] {e.name} ({e.path}): {what}", file=sys.stderr)
+        print(f"vtok reproduce: [{i}/{n}] {e.name} ({e.where}): {what}", file=sys.stderr)
         start = clock()
         data = None
         try:
@@ -571,8 +637,9 @@ class Entry:
         return _dataset(self.data["dataset"] if self.data else (self.exp.raw.get("data") or {}))
 
     def sort_key(self) -> tuple[Any, ...]:
-        p, _ = paper_ref(self.source)
-        return (PAPERS.index(p) if p in PAPERS else len(PAPERS), self.source, self.exp.name)
+        p, _ = paper_ref(self.source)  # a dataset variant right after its base
+        return (PAPERS.index(p) if p in PAPERS else len(PAPERS), self.source, self.exp.family, self.exp.base is not None,
+                self.exp.name)
 
 
 def _claim_words(c: Any) -> str:
@@ -592,10 +659,12 @@ def build_page(exps: dict[str, Experiment], data: dict[str, dict[str, Any]], plo
     """docs/RESULTS.md from the results records (and, for experiments not run, the files' claims)."""
     plots = plots or {}
     ents = entries(exps, data)
-    claims = [(en, c) for en in ents for c in en.claims]
+    claims = claim_rows(ents)
     verdicts = [c["verdict"] for _, c in claims]
     decided = sum(v in ("holds", "does not hold") for v in verdicts)
     run = sum(en.data is not None for en in ents)
+    nvar = sum(en.exp.base is not None for en in ents)
+    var = f" ({nvar} of them on another dataset: `paper.also_on`)" if nvar else ""
     lines = [
         "# Results",
         "",
@@ -606,7 +675,7 @@ def build_page(exps: dict[str, Experiment], data: dict[str, dict[str, Any]], plo
         "a claim holds or does not hold when the 95% interval of the paired per-seed difference lies on one "
         "side; an inconclusive claim gives the seeds that would decide it.",
         "",
-        f"{run} of {len(ents)} paper experiments have results; {len(claims)} claims: {decided} decided "
+        f"{run} of {len(ents)} paper experiments{var} have results; {len(claims)} claims: {decided} decided "
         f"({verdicts.count('holds')} hold, {verdicts.count('does not hold')} do not hold), "
         f"{verdicts.count('inconclusive')} inconclusive, {verdicts.count(NOT_RUN)} not run.",
         "",
@@ -620,15 +689,71 @@ def build_page(exps: dict[str, Experiment], data: dict[str, dict[str, Any]], plo
         lines.append("| " + " | ".join([p, t, _esc(c["text"]), c["metric"],
                                           _esc(_figures_text(c["cells"], c.get("paper_figures") or {}, c["metric"])),
                                           _effect(c), _verdict(c), en.dataset, f"[{en.exp.name}](#{en.exp.name})"]) + " |")
+    lines += disagreements(ents)
     for en in ents:
         lines += ["", *section(en, plots.get(en.exp.name, []))]
     return "\n".join(lines) + "\n"
+
+
+def claim_rows(ents: list[Entry]) -> list[tuple[Entry, dict[str, Any]]]:
+    """(entry, claim) in table order: per experiment its claims in order, each claim's row on every
+    dataset it is judged on (``paper.also_on``) next to each other, the base's dataset first."""
+    families: dict[str, list[Entry]] = {}
+    for en in ents:
+        families.setdefault(en.exp.family, []).append(en)
+    rows = []
+    for group in families.values():
+        keyed = [((c["index"], k), en, c) for k, en in enumerate(group) for c in en.claims]
+        rows += [(en, c) for _, en, c in sorted(keyed, key=lambda t: t[0])]
+    return rows
+
+
+def disagreements(ents: list[Entry]) -> list[str]:
+    """Under the claim table, when some experiment is judged on several datasets: the claims that
+    hold on one dataset and do not hold on another (a finding), or a line saying there are none."""
+    by_claim: dict[tuple[str, int], list[tuple[Entry, dict[str, Any]]]] = {}
+    for en, c in claim_rows(ents):
+        by_claim.setdefault((en.exp.family, c["index"]), []).append((en, c))
+    multi = [rows for rows in by_claim.values() if len(rows) > 1]
+    if not multi:
+        return []
+    found, agree = [], 0
+    for rows in multi:
+        vs = [c["verdict"] for _, c in rows]
+        if "holds" in vs and "does not hold" in vs:
+            en0, c0 = rows[0]
+            p, t = paper_ref(en0.source)
+            found.append(f"- {p} {t}: {_esc(c0['text'])} ({c0['metric']}): " + "; ".join(
+                f"{_verdict(c)} on {en.dataset} ({_effect(c)}, [{en.exp.name}](#{en.exp.name}))" for en, c in rows))
+        elif sum(v in ("holds", "does not hold") for v in vs) > 1:
+            agree += 1
+    out = ["", "### Datasets disagree", "", f"Claims judged on more than one dataset (`paper.also_on`): {len(multi)}. "
+           "Holding on one dataset and not holding on another"]
+    if found:
+        out[-1] += f" (a finding: the claim depends on the data): {len(found)}."
+        out += ["", *found]
+    else:
+        out[-1] += (f": none (decided on two or more datasets and agreeing: {agree}; not yet decided on two: "
+                    f"{len(multi) - agree}).")
+    return out
+
+
+def variant_note(e: Experiment) -> list[str]:
+    """A dataset variant's section says whose claims it judges, on what, and how it runs."""
+    if e.base is None:
+        return []
+    import shlex
+
+    cmd = shlex.join(["python", "-m", "core.run", f"{e.path.parent.name}/{e.path.name}", *e.overrides])
+    return ["", f"The claims of [{e.base}](#{e.base}) judged on {_dataset(e.raw.get('data') or {})} (its `paper.also_on`; "
+            f"everything else, the note above included, is the base's): `{cmd}`."]
 
 
 def section(en: Entry, plots: list[tuple[str, str]]) -> list[str]:
     e, d = en.exp, en.data
     out = [f"## {e.name}", "", f"`{e.path.parent.name}/{e.path.name}`. Paper: {_esc(en.source) or '–'}."
            + (f" {en.note}" if en.note else "")]
+    out += variant_note(e)
     if d is None:  # the plan's cells and dataset, not its seeds or steps: those are tuned often
         out += ["", f"**Not run.** Planned: {cells_text(e)}, {_dataset(e.raw.get('data') or {})}. "
                 f"Run it with `python -m core.reproduce --only {e.name}`."]
@@ -779,7 +904,8 @@ def parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m core.reproduce", description=plain(__doc__.split("\n\n")[0]),
                       epilog="examples: python -m core.reproduce --dry-run; python -m core.reproduce --only ablate_codebooks "
                              "--budget-minutes 30; python -m core.reproduce --report-only")
-    p.add_argument("--only", nargs="+", metavar="NAME", help="run these experiments (names or file stems); their dependencies too")
+    p.add_argument("--only", nargs="+", metavar="NAME", help="run exactly these experiments (names or file stems; a paper.also_on dataset variant by its "
+                   "own name, e.g. ablate_codebooks_fashion_mnist); their dependencies too")
     p.add_argument("--report-only", action="store_true", help="rebuild the page from the stored results, train nothing")
     p.add_argument("--budget-minutes", type=float, metavar="M", help="start no new experiment after M minutes in total")
     p.add_argument("--dry-run", action="store_true", help="print the plan (experiments, cells, seeds, dependencies) and exit")
@@ -813,6 +939,7 @@ def main(argv: list[str] | None = None) -> int:
             print_plan(plan, results_dir, args.budget_minutes)
             return 0
         load_results(results_dir)  # a broken record is an error before hours of training, not after
+        check_plan(plan)
         git_state()
         code = run_plan(plan, results_dir, args.budget_minutes)
         print(f"vtok reproduce: page {write_page(exps, results_dir, page)}", file=sys.stderr)

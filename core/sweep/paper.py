@@ -53,12 +53,22 @@ class Claim(Strict):
 
 
 class Paper(Strict):
+    """What the experiment reproduces: the paper's numbers beside ours and the claims to decide.
+
+    ``also_on`` lists further datasets (each a ``data:`` mapping, e.g. ``{type: fashion_mnist,
+    image_size: 32}``) on which ``python -m core.reproduce`` judges the same claims: the file runs
+    once more per entry as the experiment ``<name>_<dataset type>`` (overrides ``name=...``,
+    ``data=<the mapping>``, ``paper.also_on=[]``; see ``variant_overrides``), its own study and
+    results record. Each entry is validated with the experiment (the whole config on that dataset).
+    """
+
     source: str = ""  # e.g. "UniTok Table 8 (arXiv 2502.20321)"
     note: str = ""  # how our setting differs from the paper's
     metrics: dict[str, Literal["higher", "lower"]] = Field(default_factory=dict)  # ours to show -> better direction
     figures: dict[str, dict[str, Union[float, str, None]]] = Field(default_factory=dict)  # cell -> paper metric -> value
     alpha: float = Field(ALPHA, gt=0, lt=0.5)  # error rate of a verdict (two-sided)
     claims: list[Claim] = Field(default_factory=list)
+    also_on: list[dict[str, Any]] = Field(default_factory=list)  # more datasets to judge the claims on (core.reproduce)
     # the evaluators' declared directions (set by the report when the experiment validates here)
     _declared: Optional[dict[str, Optional[str]]] = PrivateAttr(default=None)
 
@@ -84,6 +94,58 @@ def check_paper(paper: Paper, labels: list[str]) -> None:
     for name in paper.figures:
         if name not in labels:
             raise ConfigError(f"paper.figures.{name}", f"no cell '{name}' in the sweep (cells: {known})")
+
+
+def variant_name(name: str, data: dict[str, Any]) -> str:
+    """The experiment ``name`` judged on the dataset ``data`` (an entry of ``paper.also_on``):
+    ``<name>_<dataset type>``, e.g. ``ablate_codebooks_fashion_mnist``."""
+    return f"{name}_{data.get('type')}"
+
+
+def variant_overrides(name: str, data: dict[str, Any]) -> list[str]:
+    """The ``key=value`` overrides that run the experiment ``name`` on the dataset ``data``: its own
+    name (so its own run directories, study and results file), that dataset, no further variants."""
+    import yaml
+
+    flow = yaml.safe_dump(data, default_flow_style=True, sort_keys=False, width=float("inf"), allow_unicode=True).strip()
+    return [f"name={variant_name(name, data)}", f"data={flow}", "paper.also_on=[]"]
+
+
+def check_variant_types(name: str, own_type: Any, entries: list[dict[str, Any]]) -> None:
+    """One ``paper.also_on`` entry per dataset type (the type names the variant), none the experiment's own."""
+    seen = {own_type: "the experiment's own dataset"}
+    for i, entry in enumerate(entries):
+        kind = entry.get("type")
+        if not isinstance(kind, str):
+            continue  # validation names what is missing
+        if kind in seen:
+            raise ConfigError(f"paper.also_on.{i}.type", f"'{kind}' is {seen[kind]}: each entry is another dataset type "
+                              f"(it names the variant, {variant_name(name, entry)})")
+        seen[kind] = f"already paper.also_on.{i}"
+
+
+def check_also_on(raw: dict[str, Any], exp: Any, reg: Any) -> None:
+    """Every ``paper.also_on`` entry: one dataset type each (it names the variant), not the
+    experiment's own, and the whole experiment validates on it (re-rooted errors:
+    ``paper.also_on.0.image_size: ...``, ``paper.also_on.0: on <type>: eval.2: ...``)."""
+    from core.config import apply_overrides, validate
+
+    paper = exp.paper
+    if paper is None or not paper.also_on:
+        return
+    if exp.sweep is None:
+        raise ConfigError("paper.also_on", "only a sweep's claims are judged on other datasets "
+                          "(core.reproduce runs the files with sweep and paper sections)")
+    check_variant_types(exp.name, exp.data.type, paper.also_on)
+    for i, entry in enumerate(paper.also_on):
+        where, kind = f"paper.also_on.{i}", entry.get("type")
+        try:
+            validate(apply_overrides(raw, variant_overrides(exp.name, entry), reg), reg)
+        except ConfigError as e:
+            path = e.path or ""
+            if path == "data" or path.startswith("data."):
+                raise ConfigError(where + path[len("data"):], e.message) from None
+            raise ConfigError(where, f"on {kind}: {path + ': ' if path else ''}{e.message}") from None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -122,6 +184,7 @@ def check_study(raw: dict[str, Any], exp: Any, reg: Any) -> None:
     if exp.sweep is None:
         for i, c in enumerate(paper.claims):
             check_metric(f"paper.claims.{i}.metric", c.metric, exp, reg)
+        check_also_on(raw, exp, reg)
         return
     sw = exp.sweep
     points = checked_points(raw, sw)  # every cell's full config validates
@@ -153,3 +216,4 @@ def check_study(raw: dict[str, Any], exp: Any, reg: Any) -> None:
         else:
             if problems:
                 raise problems[0]
+    check_also_on(raw, exp, reg)  # last: an error of the file itself is reported as such, not as a variant's
