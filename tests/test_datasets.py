@@ -96,6 +96,17 @@ def test_fashion_mnist_reads_idx_exactly(fmnist_dir):
     assert big.shape == (3, 56, 56) and torch.equal(big[0], big[2])
 
 
+def test_fashion_mnist_reads_each_file_version_once(fmnist_dir):
+    path = fmnist_dir / "t10k-images-idx3-ubyte.gz"
+    first = read_idx(path)
+    assert read_idx(path) is first  # the second split of a run shares the decompressed array
+    arr = np.full((4, 28, 28), 7, dtype=np.uint8)
+    _write_idx(path, arr)
+    __import__("os").utime(path, ns=(1, 1))  # a rewritten file (size alone is equal) is read again
+    again = read_idx(path)
+    assert again is not first and np.array_equal(again, arr)
+
+
 def test_fashion_mnist_missing_dir_says_how_to_get_it(tmp_path):
     with pytest.raises(ConfigError, match="dataset-fashion-mnist") as e:
         FashionMnist(FashionMnistConfig(root=str(tmp_path / "nope")))
