@@ -113,12 +113,12 @@ def design_for(seeds: Any) -> Optional[Design]:
     """The design a sweep's ``seeds`` setting implies: a range ({min, max} mapping or object) is
     sequential; a plain list of seeds is one fixed-sample look (None)."""
     if isinstance(seeds, Mapping):
-        lo, hi = seeds.get("min"), seeds.get("max")
+        lo, hi, spending = seeds.get("min"), seeds.get("max"), seeds.get("spending", "obf")
     else:
-        lo, hi = getattr(seeds, "min", None), getattr(seeds, "max", None)
+        lo, hi, spending = getattr(seeds, "min", None), getattr(seeds, "max", None), getattr(seeds, "spending", "obf")
     if lo is None or hi is None:
         return None
-    return Design(min_seeds=int(lo), max_seeds=int(hi))
+    return Design(min_seeds=int(lo), max_seeds=int(hi), spending=spending)
 
 
 def spent(t: float, alpha: float, spending: str) -> float:

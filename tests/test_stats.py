@@ -197,6 +197,23 @@ def test_design_helpers():
     assert r_one.ci == pytest.approx(r_fixed.ci, rel=1e-6) and r_one.p == pytest.approx(r_fixed.p, rel=1e-3)
 
 
+def test_spending_is_chosen_in_the_seed_range_config():
+    from core.sweep.space import parse_sweep
+
+    sw = parse_sweep({"sampler": "grid", "seeds": {"min": 3, "max": 10, "spending": "pocock"},
+                      "space": {"train.steps": [1, 2]}, "objective": {"metric": "psnr"}})
+    assert S.design_for(sw.seed_range) == S.Design(3, 10, "pocock")
+    assert S.design_for({"min": 3, "max": 10}).spending == "obf"  # the default
+    # a large effect over 3 seeds (diffs 10, 11, 12: t = 19): O'Brien-Fleming spends almost nothing
+    # at the first look (critical t 131), Pocock decides it (critical t 7.4)
+    a, b = {0: 10.0, 1: 11.0, 2: 12.0}, {0: 0.0, 1: 0.0, 2: 0.0}
+    assert S.better(a, b, design=S.Design(3, 10, "obf")).verdict == S.INCONCLUSIVE
+    assert S.better(a, b, design=S.Design(3, 10, "pocock")).verdict == S.HOLDS
+    with pytest.raises(Exception, match="spending"):
+        parse_sweep({"sampler": "grid", "seeds": {"min": 3, "max": 10, "spending": "haybittle"},
+                     "space": {"train.steps": [1, 2]}, "objective": {"metric": "psnr"}})
+
+
 def test_sequential_intervals_are_wider_early_and_p_agrees_with_the_verdict():
     a = {s: 1.0 + 0.5 * math.sin(s) for s in range(6)}
     b = {s: 0.0 for s in range(6)}

@@ -106,6 +106,10 @@ class SeedRange(Strict):
     min: int = Field(3, ge=2)
     max: int = Field(12, ge=2)
     budget_minutes: Optional[float] = Field(None, gt=0)  # wall time over every command of the sweep; none: no limit
+    # alpha spending over the looks (core.stats): "obf" (O'Brien-Fleming type) spends almost nothing
+    # before 5 seeds and keeps the last look near the fixed-sample test; "pocock" spends evenly, so a
+    # large effect can be decided at 3-4 seeds, at the price of a stricter last look (docs/CALIBRATION.md)
+    spending: Literal["obf", "pocock"] = "obf"
 
     @model_validator(mode="after")
     def _order(self) -> "SeedRange":
