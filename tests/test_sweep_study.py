@@ -239,3 +239,28 @@ def test_optuna_version_is_supported_and_its_private_calls_behave(tmp_path):
     assert st.duplicate_of(a, got[1], "x#seed=0") == 0
     st.set_attr(a, "k", 1)
     assert st.get_attr(b, "k") == 1
+
+
+def test_a_command_that_reads_the_study_while_another_creates_it_joins_it(tmp_path, monkeypatch):
+    """Two commands starting together (workers on several machines, one PostgreSQL study): B reads
+    the new study's attributes before A records its identity, and its trial list after A has begun.
+    B must join the study, not call it "made by an older vtok" (a flaky failure of the two-worker
+    PostgreSQL test under load)."""
+    from sweep_helpers import load
+
+    from core.sweep import study as st
+
+    _, exp = load(tiny(tmp_path))
+    a = st.open_study(exp, exp.sweep)  # command A: creates the study, records the identity ...
+    a.ask()  # ... and begins its first trial
+    real = optuna.Study.user_attrs.fget
+    reads = []
+
+    def stale_first_read(self):  # B's first read happened before A recorded the identity
+        reads.append(1)
+        return {} if len(reads) == 1 else real(self)
+
+    monkeypatch.setattr(optuna.Study, "user_attrs", property(stale_first_read))
+    b = st.open_study(exp, exp.sweep)
+    assert b.study_name == a.study_name and len(reads) >= 2
+    assert real(b)[st.IDENTITY] == st.identity(exp)

@@ -223,9 +223,13 @@ def open_study(exp: Any, sw: SweepConfig, create: bool = True) -> Any:
         study = optuna.create_study(study_name=name, storage=storage, direction=sw.objective.direction,
                                     sampler=_sampler(sw), pruner=pruner, load_if_exists=True)
     recorded = study.user_attrs.get(IDENTITY)
-    if recorded is None and create and not study.trials:
-        study.set_user_attr(IDENTITY, ident)
-    elif recorded != ident:
+    if recorded is None and create:
+        if not study.trials:
+            study.set_user_attr(IDENTITY, ident)
+            recorded = ident
+        else:  # another command created the study after our read and has begun (it records the
+            recorded = study.user_attrs.get(IDENTITY)  # identity before its first trial): read again
+    if recorded != ident:
         how = ("choose another sweep.study_name (or drop it: each config then gets a study of its own)" if sw.study_name
                else "give the same overrides as that run")
         what = differences(recorded, ident) if recorded else "it records no config (made by an older vtok)"
