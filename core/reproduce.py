@@ -335,6 +335,8 @@ def load_results(results_dir: str | Path) -> dict[str, dict[str, Any]]:
     """Every ``<results_dir>/*.json``, validated, by experiment name."""
     from pydantic import ValidationError
 
+    from core.reproduce_grids import present
+
     out = {}
     d = Path(results_dir)
     for path in sorted(d.glob("*.json")) if d.is_dir() else []:
@@ -342,8 +344,6 @@ def load_results(results_dir: str | Path) -> dict[str, dict[str, Any]]:
             model = ResultsData.model_validate(json.loads(path.read_text()))
         except (ValueError, ValidationError) as e:
             raise ConfigError(str(path), f"not a results file: {str(e).splitlines()[0]}") from None
-        from core.reproduce_grids import present
-
         out[model.experiment] = present(model.model_dump(by_alias=True, mode="json"), d)
     return out
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -34,18 +33,11 @@ def done(tmp_path_factory):
     cfg["paper"]["claims"] = []
     (d / "experiments").mkdir()
     (d / "experiments" / "tiny.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    old, cache = os.getcwd(), os.environ.get("VTOK_CACHE")
-    os.chdir(d)
-    os.environ["VTOK_CACHE"] = str(d / "cache")
-    try:
+    with pytest.MonkeyPatch.context() as mp:  # module scope: the function-scoped monkeypatch is not available
+        mp.chdir(d)
+        mp.setenv("VTOK_CACHE", str(d / "cache"))
         assert rp.main(ARGS) == 0
         yield d
-    finally:
-        os.chdir(old)
-        if cache is None:
-            os.environ.pop("VTOK_CACHE", None)
-        else:
-            os.environ["VTOK_CACHE"] = cache
 
 
 def pixels(path: Path) -> np.ndarray:
